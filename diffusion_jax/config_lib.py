@@ -1,0 +1,132 @@
+"""The configuration schema shared by every file in ``configs/``.
+
+Each ``configs/<name>.py`` calls :func:`base_config` and overrides what its
+experiment changes, so every config has the same sections (``data``, ``model``,
+``diffusion``, ``optim``, ``training``, ``sampling``, ``eval``) and the same keys.
+The digits config is embedded here too (:func:`digits_config`) so that
+``python -m diffusion_jax.main`` works from any directory with no ``--config``.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the DDPM paper's CIFAR-10 settings (Ho et al. 2020, App. B)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # --- data -----------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.name = 'cifar10'          # digits | mnist | cifar10 | celeb_a_hq | lsun/<category> | image_folder
+  data.image_size = 32
+  data.num_channels = 3
+  data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir or image folder
+  data.random_flip = True        # random horizontal flips (paper: CIFAR-10, CelebA-HQ, LSUN)
+  data.train_split = 'train'
+  data.eval_split = 'test'
+  data.num_workers = 0           # grain worker processes (0: in the main process)
+
+  # --- model (the DDPM U-Net) -------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'unet'
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.num_groups = 32          # GroupNorm groups
+  model.dtype = 'float32'        # compute dtype: float32 | bfloat16 (params stay float32)
+
+  # --- diffusion ------------------------------------------------------------
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = 'linear'
+  diffusion.num_timesteps = 1000
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.mean_type = 'eps'    # eps | x0 | v
+  diffusion.var_type = 'fixed_large'   # fixed_small | fixed_large | learned_range
+  diffusion.loss_type = 'simple'       # simple | vlb | hybrid
+  diffusion.hybrid_lambda = 0.001
+  diffusion.t_sampler = 'uniform'      # uniform | importance (for vlb)
+  diffusion.clip_denoised = True
+
+  # --- optimiser ------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = 'adam'
+  optim.lr = 2e-4
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.warmup_steps = 5000
+  optim.grad_clip = 1.0
+  optim.ema_decay = 0.9999
+
+  # --- training loop --------------------------------------------------------
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128      # global batch over all hosts and devices
+  training.num_train_steps = 800_000
+  training.steps_per_call = 1    # train steps fused into one jitted call (lax.scan)
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 10_000
+  training.keep_checkpoints = 3
+  training.sample_every_steps = 50_000
+  training.num_sample_images = 64    # images in the periodic PNG grid
+  training.distributed = False   # call jax.distributed.initialize() (multi-host)
+
+  # --- sampling -------------------------------------------------------------
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = 'ancestral'  # ancestral | ddim | pc
+  sampling.num_steps = 1000       # ddim / pc: number of steps; ancestral: always T
+  sampling.eta = 0.0              # ddim stochasticity
+  sampling.skip_type = 'uniform'  # ddim: uniform | quadratic
+  sampling.num_samples = 64
+  sampling.batch_size = 256       # per sampling call (global)
+  sampling.pc_snr = 0.16          # Langevin corrector signal-to-noise ratio
+  sampling.pc_corrector_steps = 1
+  sampling.use_ema = True
+
+  # --- evaluation -----------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 256
+  ev.num_bpd_examples = 1000      # test images for the bits/dim bound (-1: all)
+  ev.num_fid_samples = 1000
+  ev.inception_path = ml_collections.FieldReference(None, field_type=str)  # local .npz/.msgpack weights
+  ev.fid_stats_path = ml_collections.FieldReference(None, field_type=str)  # reference mu/sigma .npz
+  ev.classifier_steps = 2000      # digits classifier for the offline Frechet distance
+  return config
+
+
+def digits_config() -> ml_collections.ConfigDict:
+  """The embedded default: scikit-learn's 8x8 digits, trains on a CPU in minutes."""
+  config = base_config()
+  config.data.name = 'digits'
+  config.data.image_size = 8
+  config.data.num_channels = 1
+  config.data.random_flip = False   # digits are not mirror-symmetric
+  config.data.train_split = 'train'
+  config.data.eval_split = 'test'
+
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (4,)
+  config.model.dropout = 0.0
+
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 200
+  config.optim.ema_decay = 0.999
+
+  config.training.batch_size = 128
+  config.training.num_train_steps = 4000
+  config.training.log_every_steps = 50
+  config.training.checkpoint_every_steps = 500
+  config.training.sample_every_steps = 2000
+  config.training.num_sample_images = 100
+
+  config.sampling.num_samples = 100
+  config.sampling.num_steps = 50
+  config.eval.num_bpd_examples = -1
+  config.eval.batch_size = 500
+  return config
