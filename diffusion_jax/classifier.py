@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 from flax import serialization
 import jax
@@ -82,9 +83,10 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, steps: int,
                      weight_decay: float = 1e-4, num_classes: int = 10) -> Any:
   """Trains :class:`DigitClassifier` with AdamW on random mini-batches.
 
-  The whole run is one jitted ``lax.scan`` over ``steps`` (the data stay on
-  the device; batches are drawn with replacement from ``jax.random``), with a
-  cosine-decayed learning rate and random +-1 pixel shifts as augmentation.
+  One jitted step per iteration (the data stay on the device; batches are
+  drawn with replacement from ``jax.random``), a cosine-decayed learning rate,
+  and random +-1 pixel shifts of the batch as augmentation. Deterministic for a
+  given ``seed`` on a given backend.
 
   Args:
     images: ``[N, H, W(, 1)]`` floats in [-1, 1].
@@ -119,21 +121,21 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, steps: int,
     logits = model.apply({'params': p}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  def step(carry, key):
-    p, opt_state = carry
+  @jax.jit
+  def step(p, opt_state, key, x_all, y_all):
     k_idx, k_aug = jax.random.split(key)
     idx = jax.random.randint(k_idx, (batch_size,), 0, x_all.shape[0])
     x = shift(x_all[idx], k_aug)
     loss, grads = jax.value_and_grad(loss_fn)(p, x, y_all[idx])
     updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), loss
+    return optax.apply_updates(p, updates), opt_state, loss
 
-  @jax.jit
-  def run(p, keys):
-    (p, _), losses = jax.lax.scan(step, (p, tx.init(p)), keys)
-    return p, losses
-
-  params, _ = run(params, jax.random.split(train_rng, steps))
+  # A Python loop over a jitted step: on XLA:CPU, convolutions inside a
+  # lax.scan/while body run ~30x slower than at top level (measured with
+  # jax 0.10), which would turn seconds of training into minutes.
+  opt_state = tx.init(params)
+  for key in jax.random.split(train_rng, steps):
+    params, opt_state, _ = step(params, opt_state, key, x_all, y_all)
   return jax.device_get(params)
 
 
@@ -247,11 +249,16 @@ def load_or_train_classifier(workdir: str | os.PathLike, config,
     try:
       params, stored = load_classifier(path, image_shape, num_classes)
       if stored == meta:
+        logging.info('Loaded the digits classifier from %s', path)
         return params
+      logging.info('Retraining the digits classifier: cached settings %s != %s',
+                   stored, meta)
     except (ValueError, KeyError, OSError):
       pass  # Stale or unreadable cache: retrain below.
   params = train_classifier(images, labels, steps=meta['steps'],
                             seed=meta['seed'], batch_size=meta['batch_size'],
                             num_classes=num_classes)
   save_classifier(path, params, meta)
+  logging.info('Trained the digits classifier (%d steps), cached in %s',
+               meta['steps'], path)
   return params

@@ -119,14 +119,69 @@ def digits_config() -> ml_collections.ConfigDict:
   config.optim.ema_decay = 0.999
 
   config.training.batch_size = 128
-  config.training.num_train_steps = 4000
+  config.training.num_train_steps = 2000
   config.training.log_every_steps = 50
   config.training.checkpoint_every_steps = 500
-  config.training.sample_every_steps = 2000
+  config.training.sample_every_steps = 1000
   config.training.num_sample_images = 100
 
+  config.sampling.sampler = 'ddim'   # fast grids during training; eval also runs ancestral
+  config.sampling.num_steps = 100
   config.sampling.num_samples = 100
-  config.sampling.num_steps = 50
   config.eval.num_bpd_examples = -1
   config.eval.batch_size = 500
   return config
+
+
+def _allowed(field, value, allowed):
+  if value not in allowed:
+    raise ValueError(f'{field}={value!r} is not supported; allowed values: '
+                     f'{", ".join(map(str, allowed))}.')
+
+
+def _positive(field, value, *, allow_zero=False):
+  ok = value >= 0 if allow_zero else value > 0
+  if isinstance(value, bool) or not ok:
+    raise ValueError(f'{field} must be {"non-negative" if allow_zero else "positive"}, got {value!r}.')
+
+
+def validate_config(config) -> None:
+  """Checks the non-data sections of a config; raises ValueError naming the field.
+
+  (The data section is checked by ``data.validate_data_config``, the model by
+  ``models.create_model``.)
+  """
+  # Imported here: config files import this module and should stay light.
+  from diffusion_jax import diffusion, schedule
+  d = config.diffusion
+  _allowed('diffusion.schedule', d.schedule, schedule.SCHEDULES)
+  _positive('diffusion.num_timesteps', d.num_timesteps)
+  _allowed('diffusion.mean_type', d.mean_type, diffusion.MEAN_TYPES)
+  _allowed('diffusion.var_type', d.var_type, diffusion.VAR_TYPES)
+  _allowed('diffusion.loss_type', d.loss_type, diffusion.LOSS_TYPES)
+  _allowed('diffusion.t_sampler', d.t_sampler, ('uniform', 'importance'))
+  if d.t_sampler == 'importance' and d.loss_type != 'vlb':
+    raise ValueError("diffusion.t_sampler='importance' is for diffusion.loss_type='vlb' only "
+                     f'(got loss_type={d.loss_type!r}).')
+  o = config.optim
+  _allowed('optim.optimizer', o.optimizer, ('adam', 'adamw'))
+  _positive('optim.lr', o.lr)
+  _positive('optim.warmup_steps', o.warmup_steps, allow_zero=True)
+  _positive('optim.grad_clip', o.grad_clip, allow_zero=True)
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ValueError(f'optim.ema_decay must be in [0, 1), got {o.ema_decay!r}.')
+  tr = config.training
+  for key in ('batch_size', 'num_train_steps', 'steps_per_call', 'log_every_steps',
+              'checkpoint_every_steps', 'keep_checkpoints', 'sample_every_steps'):
+    _positive(f'training.{key}', tr[key])
+  for key in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+    if tr[key] % tr.steps_per_call:
+      raise ValueError(f'training.{key}={tr[key]} must be a multiple of '
+                       f'training.steps_per_call={tr.steps_per_call}.')
+  sp = config.sampling
+  _allowed('sampling.sampler', sp.sampler, ('ancestral', 'ddim', 'pc'))
+  _allowed('sampling.skip_type', sp.skip_type, ('uniform', 'quadratic'))
+  _positive('sampling.num_samples', sp.num_samples)
+  if sp.sampler != 'ancestral' and not 1 <= sp.num_steps <= d.num_timesteps:
+    raise ValueError(f'sampling.num_steps must be in [1, diffusion.num_timesteps={d.num_timesteps}], '
+                     f'got {sp.num_steps}.')

@@ -34,8 +34,8 @@ bilinearly resized to 299x299 (half-pixel centres, no antialiasing: PyTorch's
 ``F.interpolate(mode='bilinear', align_corners=False)`` as in pytorch-fid) and
 mapped to [-1, 1] as ``x / 127.5 - 1`` (pytorch-fid's ``2 * (x / 255) - 1``).
 TTUR feeds the TF graph [0, 255] and the graph computes ``(x - 128) / 128``
-after its own resize; the two agree to within the known pytorch-fid/TTUR
-difference (FID values within about 1e-2 of each other).
+after its own resize (TF1 ``resize_bilinear`` without half-pixel centres);
+pytorch-fid documents the resulting small differences from TTUR's FIDs.
 
 Outputs: ``(pool3, logits)`` with ``pool3`` the 2048-d global average pool of
 ``Mixed_7c`` (TF ``pool_3:0``, the FID features) and ``logits`` the 1008-way
@@ -71,7 +71,7 @@ then optionally, here, ``save_inception_params(load_inception_params(
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import flax
 from flax import serialization, traverse_util
@@ -341,7 +341,7 @@ def init_inception_variables(seed: int = 0) -> dict:
     shape, name = tuple(leaf.shape), path[-1]
     if name == 'kernel':
       std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / np.prod(shape[:-1]))
-      value = std * rng.standard_normal(shape, dtype=np.float32)
+      value = (std * rng.standard_normal(shape)).astype(np.float32)
     elif name in ('scale', 'var'):
       value = np.ones(shape, np.float32)
     else:  # bias, mean
@@ -526,13 +526,17 @@ def save_inception_params(variables: Mapping[str, Any],
 def make_inception_fn(variables: Variables, *, input_range: str = '0_255',
                       dtype: Any = jnp.float32
                       ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """A jitted ``images -> (pool3, logits)`` closing over ``variables``."""
+  """A jitted ``images -> (pool3, logits)`` bound to ``variables``.
+
+  The weights are passed to the compiled function as arguments (not baked in
+  as ~95 MB of constants); one compilation per input shape.
+  """
   model = InceptionV3FID(input_range=input_range, dtype=dtype)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  apply = jax.jit(model.apply)
 
-  @jax.jit
   def fn(images):
-    return model.apply(variables, images)
+    return apply(variables, images)
   return fn
 
 
@@ -553,19 +557,21 @@ def inception_features(variables_or_fn: Variables | Callable,
   """
   fn = (variables_or_fn if callable(variables_or_fn)
         else make_inception_fn(variables_or_fn, input_range=input_range))
-  feats, logits = [], []
-  if isinstance(images, np.ndarray) or isinstance(images, jax.Array):
-    n = images.shape[0]
-    batches = []
+  def array_batches(x):
+    n = x.shape[0]
     for i in range(0, n, batch_size):
-      batch = np.asarray(images[i:i + batch_size])
+      batch = np.asarray(x[i:i + batch_size])
       k = batch.shape[0]
-      if k < batch_size and n > batch_size:
+      if k < batch_size and n > batch_size:   # pad: no recompilation
         batch = np.concatenate(
             [batch, np.repeat(batch[-1:], batch_size - k, axis=0)], axis=0)
-      batches.append((batch, k))
+      yield batch, k
+
+  if isinstance(images, (np.ndarray, jax.Array)):
+    batches = array_batches(images)
   else:
     batches = ((np.asarray(b), len(b)) for b in images)
+  feats, logits = [], []
   for batch, k in batches:
     f, l = fn(batch)
     feats.append(np.asarray(f[:k], np.float64))

@@ -18,6 +18,7 @@ small (2048-d at most) and sqrtm needs float64 for stable values.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -68,7 +69,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
     raise ValueError(f'covariances must be {(mu1.size, mu1.size)}, got '
                      f'{sigma1.shape} and {sigma2.shape}')
   diff = mu1 - mu2
-  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  with warnings.catch_warnings():
+    # A singular product (e.g. dead ReLU features) makes scipy warn; a finite
+    # result is used as is, as pytorch-fid does, else the eps offset below.
+    warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -125,16 +130,14 @@ def inception_score(logits_or_probs: np.ndarray, num_splits: int = 10, *,
     p = np.exp(log_p)
   else:
     p = x / x.sum(axis=1, keepdims=True)
-    with np.errstate(divide='ignore'):
-      log_p = np.log(p)
+    log_p = np.log(np.where(p > 0, p, 1.0))   # unused where p == 0
   scores = []
   for k in range(num_splits):
     sl = slice(k * n // num_splits, (k + 1) * n // num_splits)
     part, log_part = p[sl], log_p[sl]
     py = np.mean(part, axis=0, keepdims=True)
-    with np.errstate(divide='ignore'):
-      log_py = np.log(py)
-    # sum_y p log p - p log py, with 0 log 0 = 0 (py > 0 wherever p > 0).
+    log_py = np.log(np.where(py > 0, py, 1.0))  # py > 0 wherever part > 0
+    # sum_y p (log p - log py), with 0 log 0 = 0.
     kl = np.where(part > 0, part * (log_part - log_py), 0.0).sum(axis=1)
     scores.append(np.exp(np.mean(kl)))
   return float(np.mean(scores)), float(np.std(scores))

@@ -35,8 +35,9 @@ SKIP_TYPES = ('uniform', 'quadratic')
 
 __all__ = [
     'SAMPLERS', 'SKIP_TYPES', 'p_sample', 'p_sample_loop', 'p_sample_loop_progressive',
-    'ddim_timesteps', 'ddim_sample_loop', 'langevin_correct', 'pc_sample_loop',
-    'respace_schedule', 'uniform_timesteps', 'sample_from_config', 'make_sampler',
+    'snapshot_steps', 'ddim_timesteps', 'ddim_step', 'ddim_sample_loop', 'langevin_correct',
+    'pc_sample_loop', 'respace_schedule', 'uniform_timesteps', 'sample_from_config',
+    'sample_shape', 'make_sampler',
 ]
 
 
@@ -127,20 +128,23 @@ def snapshot_steps(num_timesteps: int, num_snapshots: int) -> np.ndarray:
 
 def p_sample_loop_progressive(s: Schedule, model_fn: ModelFn, rng, shape, *,
                               mean_type: str = 'eps', var_type: str = 'fixed_large',
-                              clip_denoised: bool = True, x_T=None, num_snapshots: int = 10):
+                              clip_denoised: bool = True, x_T=None,
+                              num_snapshots: Optional[int] = None):
   """:func:`p_sample_loop` that also records K snapshots of the chain (DDPM Fig. 6).
 
   Still a single scan: the carry holds a ``[K + 1, *shape]`` buffer written with
   ``lax.dynamic_update_index_in_dim`` (slot K is a scratch slot for the steps that
-  are not recorded). Snapshot k holds the chain's input x_t at step ``t[k]`` and
-  the model's prediction of x_0 from it; ``t`` runs from T-1 down to 0.
+  are not recorded). ``num_snapshots`` K is in [1, T], default min(10, T).
+  Snapshot k holds the chain's input x_t at step ``t[k]`` and the model's
+  prediction of x_0 from it; ``t`` runs from T-1 down to 0 (see
+  :func:`snapshot_steps`).
 
   Returns:
     (x_0, dict(x_t=[K, *shape], pred_x0=[K, *shape], t=[K] int32)); x_0 equals
     ``p_sample_loop``'s for the same arguments.
   """
   T = s.num_timesteps
-  snap_t = snapshot_steps(T, num_snapshots)
+  snap_t = snapshot_steps(T, min(10, T) if num_snapshots is None else num_snapshots)
   k = snap_t.size
   slot_of_t = np.full(T, k, np.int32)
   slot_of_t[snap_t] = np.arange(k, dtype=np.int32)
@@ -229,8 +233,8 @@ def ddim_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: i
     t_scalar, a, a_prev = inp
     t = _batch_t(t_scalar, x)
     noise = jax.random.normal(jax.random.fold_in(chain_key, t_scalar), x.shape, x.dtype)
-    x, _ = ddim_step(s, model_fn(x, t).astype(x.dtype), x, t, a, a_prev, eta, noise, mean_type=mean_type,
-                     clip_denoised=clip_denoised)
+    x, _ = ddim_step(s, model_fn(x, t).astype(x.dtype), x, t, a, a_prev, eta, noise,
+                     mean_type=mean_type, clip_denoised=clip_denoised)
     return x, None
 
   x, _ = jax.lax.scan(body, x, (ts, abar, abar_prev), reverse=True)
@@ -326,11 +330,10 @@ def pc_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: Opt
     return langevin_correct(s, model_fn, x, t_scalar, key, snr=snr, mean_type=mean_type), None
 
   def body(x, t_scalar):
-    key = jax.random.fold_in(chain_key, t_scalar)
-    pred_key, corr_key = jax.random.split(key)
+    pred_key = jax.random.fold_in(chain_key, t_scalar)   # the ancestral sampler's key
     if m:
-      x, _ = jax.lax.scan(functools.partial(correct, t_scalar=t_scalar), x,
-                          jax.random.split(corr_key, m))
+      corr_keys = jax.random.split(jax.random.fold_in(pred_key, 1), m)
+      x, _ = jax.lax.scan(functools.partial(correct, t_scalar=t_scalar), x, corr_keys)
     x, _ = p_sample(s, model_fn, x, t_scalar, pred_key, mean_type=mean_type,
                     var_type=var_type, clip_denoised=clip_denoised)
     return x, None

@@ -25,12 +25,19 @@ def gaussian_model(s, mu, sigma):
   """The optimal eps for data N(mu, sigma^2) per dimension.
 
   x_t ~ N(sqrt(abar) mu, abar sigma^2 + 1 - abar), so
-  eps* = -sqrt(1 - abar) grad log q(x_t) = sqrt(1 - abar)(x_t - sqrt(abar) mu) / (abar sigma^2 + 1 - abar).
+  eps* = -sqrt(1 - abar) grad log q(x_t)
+       = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar sigma^2 + 1 - abar).
   """
   def model_fn(x_t, t):
     abar = diffusion.extract(s.alphas_cumprod, t, x_t.shape)
     return jnp.sqrt(1 - abar) * (x_t - jnp.sqrt(abar) * mu) / (abar * sigma ** 2 + 1 - abar)
   return model_fn
+
+
+def jrun(sampler, *args, **kw):
+  """Calls ``sampler(*args, **kw)`` under ``jax.jit`` (one compile; faster than eager)."""
+  *head, rng, shape = args
+  return jax.jit(lambda r: sampler(*head, r, shape, **kw))(rng)
 
 
 def zero_model(x_t, t):
@@ -49,42 +56,34 @@ def x0_target():
 
 
 # --- oracle denoiser -------------------------------------------------------------------
+# Every sampler variant runs in ONE jitted call (module fixture): XLA's per-compile
+# overhead dominates on CPU, so this keeps the file fast; each check is its own test.
+
+ORACLE_RUNS = {
+    'ancestral': lambda s, m, m2, r: sampling.p_sample_loop(s, m, r, SHAPE),
+    'ancestral_learned_range': lambda s, m, m2, r: sampling.p_sample_loop(
+        s, m2, r, SHAPE, var_type='learned_range'),
+    'ddim_uniform10': lambda s, m, m2, r: sampling.ddim_sample_loop(s, m, r, SHAPE, num_steps=10),
+    'ddim_quadratic7_eta1': lambda s, m, m2, r: sampling.ddim_sample_loop(
+        s, m, r, SHAPE, num_steps=7, eta=1.0, skip_type='quadratic'),
+    'ddim_learned_range': lambda s, m, m2, r: sampling.ddim_sample_loop(
+        s, m2, r, SHAPE, num_steps=10),
+    'pc': lambda s, m, m2, r: sampling.pc_sample_loop(s, m, r, SHAPE, num_corrector_steps=2),
+}
 
 
-@pytest.mark.parametrize('var_type', ['fixed_large', 'fixed_small'])
-def test_ancestral_oracle_returns_x0(sched, x0_target, var_type):
-  x = sampling.p_sample_loop(sched, oracle_model(sched, x0_target), jax.random.PRNGKey(0), SHAPE,
-                             var_type=var_type)
-  np.testing.assert_allclose(x, x0_target, atol=1e-4)
-
-
-def test_ancestral_oracle_learned_range(sched, x0_target):
+@pytest.fixture(scope='module')
+def oracle_samples(sched, x0_target):
   eps = oracle_model(sched, x0_target)
-  model_fn = lambda x, t: jnp.concatenate([eps(x, t), jnp.zeros_like(x)], axis=-1)
-  x = sampling.p_sample_loop(sched, model_fn, jax.random.PRNGKey(0), SHAPE,
-                             var_type='learned_range')
-  np.testing.assert_allclose(x, x0_target, atol=1e-4)
+  # learned-range output: 2C channels, the last C (v) must not affect the mean.
+  eps2 = lambda x, t: jnp.concatenate([eps(x, t), 0.5 * jnp.ones_like(x)], axis=-1)
+  run = jax.jit(lambda r: {k: f(sched, eps, eps2, r) for k, f in ORACLE_RUNS.items()})
+  return run(jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize('num_steps,eta,skip_type', [(10, 0.0, 'uniform'), (7, 1.0, 'quadratic'),
-                                                     (50, 0.5, 'uniform')])
-def test_ddim_oracle_returns_x0(sched, x0_target, num_steps, eta, skip_type):
-  x = sampling.ddim_sample_loop(sched, oracle_model(sched, x0_target), jax.random.PRNGKey(1),
-                                SHAPE, num_steps=num_steps, eta=eta, skip_type=skip_type)
-  np.testing.assert_allclose(x, x0_target, atol=1e-4)
-
-
-def test_ddim_learned_range_uses_mean_part(sched, x0_target):
-  eps = oracle_model(sched, x0_target)
-  model_fn = lambda x, t: jnp.concatenate([eps(x, t), jnp.ones_like(x)], axis=-1)
-  x = sampling.ddim_sample_loop(sched, model_fn, jax.random.PRNGKey(1), SHAPE, num_steps=10)
-  np.testing.assert_allclose(x, x0_target, atol=1e-4)
-
-
-def test_pc_oracle_returns_x0(sched, x0_target):
-  x = sampling.pc_sample_loop(sched, oracle_model(sched, x0_target), jax.random.PRNGKey(2), SHAPE,
-                              num_corrector_steps=2)
-  np.testing.assert_allclose(x, x0_target, atol=1e-4)
+@pytest.mark.parametrize('name', sorted(ORACLE_RUNS))
+def test_oracle_denoiser_returns_x0(oracle_samples, x0_target, name):
+  np.testing.assert_allclose(oracle_samples[name], x0_target, atol=1e-4)
 
 
 # --- Gaussian data: sample moments -------------------------------------------------------
@@ -92,28 +91,32 @@ def test_pc_oracle_returns_x0(sched, x0_target):
 MU, SIGMA = 0.3, 0.5
 GAUSS_SHAPE = (256, 4, 4, 1)   # 4096 scalar samples
 
+GAUSS_RUNS = {
+    'ancestral_large': lambda s, m, r: sampling.p_sample_loop(
+        s, m, r, GAUSS_SHAPE, var_type='fixed_large', clip_denoised=False),
+    'ancestral_small': lambda s, m, r: sampling.p_sample_loop(
+        s, m, r, GAUSS_SHAPE, var_type='fixed_small', clip_denoised=False),
+    'ddim100_eta0': lambda s, m, r: sampling.ddim_sample_loop(
+        s, m, r, GAUSS_SHAPE, num_steps=100, eta=0.0, clip_denoised=False),
+    'ddim100_eta1': lambda s, m, r: sampling.ddim_sample_loop(
+        s, m, r, GAUSS_SHAPE, num_steps=100, eta=1.0, clip_denoised=False),
+    'pc': lambda s, m, r: sampling.pc_sample_loop(s, m, r, GAUSS_SHAPE, clip_denoised=False),
+    'pc_respaced50': lambda s, m, r: sampling.pc_sample_loop(
+        s, m, r, GAUSS_SHAPE, num_steps=50, clip_denoised=False),
+}
+
 
 @pytest.fixture(scope='module')
-def gauss_sched():
-  return make_schedule('cosine', 200)
+def gaussian_samples():
+  s = make_schedule('cosine', 200)
+  m = gaussian_model(s, MU, SIGMA)
+  run = jax.jit(lambda r: {k: f(s, m, r) for k, f in GAUSS_RUNS.items()})
+  return jax.tree.map(np.asarray, run(jax.random.PRNGKey(3)))
 
 
-@pytest.mark.parametrize('name,run', [
-    ('ancestral_large', lambda s, m, r: sampling.p_sample_loop(
-        s, m, r, GAUSS_SHAPE, var_type='fixed_large', clip_denoised=False)),
-    ('ancestral_small', lambda s, m, r: sampling.p_sample_loop(
-        s, m, r, GAUSS_SHAPE, var_type='fixed_small', clip_denoised=False)),
-    ('ddim100_eta0', lambda s, m, r: sampling.ddim_sample_loop(
-        s, m, r, GAUSS_SHAPE, num_steps=100, eta=0.0, clip_denoised=False)),
-    ('ddim100_eta1', lambda s, m, r: sampling.ddim_sample_loop(
-        s, m, r, GAUSS_SHAPE, num_steps=100, eta=1.0, clip_denoised=False)),
-    ('pc', lambda s, m, r: sampling.pc_sample_loop(s, m, r, GAUSS_SHAPE, clip_denoised=False)),
-    ('pc_respaced50', lambda s, m, r: sampling.pc_sample_loop(
-        s, m, r, GAUSS_SHAPE, num_steps=50, clip_denoised=False)),
-])
-def test_gaussian_data_moments(gauss_sched, name, run):
-  x = np.asarray(jax.jit(lambda r: run(gauss_sched, gaussian_model(gauss_sched, MU, SIGMA), r))(
-      jax.random.PRNGKey(3)))
+@pytest.mark.parametrize('name', sorted(GAUSS_RUNS))
+def test_gaussian_data_moments(gaussian_samples, name):
+  x = gaussian_samples[name]
   n = x.size
   se_mean, se_std = SIGMA / np.sqrt(n), SIGMA / np.sqrt(2 * n)
   # Monte Carlo error (4 standard errors) plus a small discretisation bias
@@ -125,50 +128,54 @@ def test_gaussian_data_moments(gauss_sched, name, run):
 # --- exact relations between samplers ------------------------------------------------------
 
 
-def test_ddim_full_eta1_equals_ancestral_fixed_small(sched):
-  """With every timestep and eta=1, sigma_t^2 = beta~_t: eq. 12 is the posterior mean + noise."""
-  model_fn = gaussian_model(sched, MU, SIGMA)
-  rng = jax.random.PRNGKey(5)
-  a = sampling.p_sample_loop(sched, model_fn, rng, SHAPE, var_type='fixed_small',
-                             clip_denoised=False)
-  b = sampling.ddim_sample_loop(sched, model_fn, rng, SHAPE, num_steps=sched.num_timesteps,
-                                eta=1.0, clip_denoised=False)
-  np.testing.assert_allclose(a, b, atol=1e-4)
+def test_exact_relations_between_samplers(sched):
+  """Same rng, hence the same x_T and the same per-step noise:
 
-
-def test_pc_without_corrector_equals_ancestral(sched):
+  - DDIM with every timestep and eta=1 has sigma_t^2 = beta~_t, so eq. 12 is the
+    posterior mean plus the same noise: ancestral ``fixed_small``;
+  - PC without corrector steps is ancestral sampling;
+  - the progressive sampler's x_0 is p_sample_loop's.
+  """
   model_fn = gaussian_model(sched, MU, SIGMA)
-  rng = jax.random.PRNGKey(6)
-  a = sampling.p_sample_loop(sched, model_fn, rng, SHAPE)
-  b = sampling.pc_sample_loop(sched, model_fn, rng, SHAPE, num_corrector_steps=0)
-  np.testing.assert_allclose(a, b, atol=1e-6)
+  T = sched.num_timesteps
+
+  def run(rng):
+    kw = dict(clip_denoised=False)
+    return dict(
+        small=sampling.p_sample_loop(sched, model_fn, rng, SHAPE, var_type='fixed_small', **kw),
+        ddim=sampling.ddim_sample_loop(sched, model_fn, rng, SHAPE, num_steps=T, eta=1.0, **kw),
+        large=sampling.p_sample_loop(sched, model_fn, rng, SHAPE, **kw),
+        pc0=sampling.pc_sample_loop(sched, model_fn, rng, SHAPE, num_corrector_steps=0, **kw),
+        prog=sampling.p_sample_loop_progressive(sched, model_fn, rng, SHAPE, **kw)[0])
+
+  out = jax.jit(run)(jax.random.PRNGKey(5))
+  np.testing.assert_allclose(out['small'], out['ddim'], atol=1e-4)
+  np.testing.assert_allclose(out['large'], out['pc0'], atol=1e-6)
+  np.testing.assert_allclose(out['large'], out['prog'], atol=1e-6)
+  assert not np.allclose(out['small'], out['large'])
 
 
 def test_ddim_eta0_deterministic(sched):
   model_fn = gaussian_model(sched, MU, SIGMA)
   x_T = jax.random.normal(jax.random.PRNGKey(7), SHAPE)
-  run = lambda rng: sampling.ddim_sample_loop(sched, model_fn, rng, SHAPE, num_steps=10,
-                                              x_T=x_T)
-  a, b = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+  run = jax.jit(lambda rng, x_T, eta: sampling.ddim_sample_loop(
+      sched, model_fn, rng, SHAPE, num_steps=10, eta=eta, x_T=x_T))
+  a, b = run(jax.random.PRNGKey(0), x_T, 0.0), run(jax.random.PRNGKey(1), x_T, 0.0)
   np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(a, run(jax.random.PRNGKey(0)))
-  # without x_T, the same rng gives the same x_T and sample; another rng does not.
-  c = sampling.ddim_sample_loop(sched, model_fn, jax.random.PRNGKey(0), SHAPE, num_steps=10)
-  d = sampling.ddim_sample_loop(sched, model_fn, jax.random.PRNGKey(0), SHAPE, num_steps=10)
-  e = sampling.ddim_sample_loop(sched, model_fn, jax.random.PRNGKey(1), SHAPE, num_steps=10)
+  np.testing.assert_array_equal(a, run(jax.random.PRNGKey(0), x_T, 0.0))
+  # eta > 0 does depend on the rng for a fixed x_T
+  assert not np.allclose(a, run(jax.random.PRNGKey(1), x_T, 1.0))
+  # without x_T: the same rng gives the same x_T and sample, another rng does not.
+  run = jax.jit(lambda rng: sampling.ddim_sample_loop(sched, model_fn, rng, SHAPE, num_steps=10))
+  c, d, e = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
   np.testing.assert_array_equal(c, d)
   assert not np.allclose(c, e)
-  # eta > 0 does depend on the rng for a fixed x_T
-  f = sampling.ddim_sample_loop(sched, model_fn, jax.random.PRNGKey(1), SHAPE, num_steps=10,
-                                eta=1.0, x_T=x_T)
-  assert not np.allclose(a, f)
 
 
 def test_ancestral_uses_x_T_and_rng(sched):
   x_T = jax.random.normal(jax.random.PRNGKey(7), SHAPE)
-  a = sampling.p_sample_loop(sched, zero_model, jax.random.PRNGKey(0), SHAPE, x_T=x_T)
-  b = sampling.p_sample_loop(sched, zero_model, jax.random.PRNGKey(0), SHAPE, x_T=x_T)
-  c = sampling.p_sample_loop(sched, zero_model, jax.random.PRNGKey(1), SHAPE, x_T=x_T)
+  run = jax.jit(lambda rng: sampling.p_sample_loop(sched, zero_model, rng, SHAPE, x_T=x_T))
+  a, b, c = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   with pytest.raises(ValueError, match='x_T'):
@@ -223,12 +230,13 @@ def test_respace_schedule_keeps_marginals(sched):
 # --- progressive sampling --------------------------------------------------------------------
 
 
-def test_progressive_matches_p_sample_loop(sched, x0_target):
+def test_progressive_matches_p_sample_loop(sched, x0_target, oracle_samples):
   model_fn = oracle_model(sched, x0_target)
-  rng = jax.random.PRNGKey(8)
-  x = sampling.p_sample_loop(sched, model_fn, rng, SHAPE)
-  xp, snaps = sampling.p_sample_loop_progressive(sched, model_fn, rng, SHAPE, num_snapshots=6)
-  np.testing.assert_array_equal(x, xp)
+  rng = jax.random.PRNGKey(0)
+  xp, snaps = jrun(sampling.p_sample_loop_progressive, sched, model_fn, rng, SHAPE,
+                   num_snapshots=6)
+  # the same chain as p_sample_loop (compiled separately, hence allclose)
+  np.testing.assert_allclose(oracle_samples['ancestral'], xp, atol=1e-6)
   T = sched.num_timesteps
   assert snaps['x_t'].shape == (6,) + SHAPE and snaps['pred_x0'].shape == (6,) + SHAPE
   np.testing.assert_array_equal(snaps['t'], T - 1 - np.round(np.linspace(0, T - 1, 6)))
@@ -244,9 +252,8 @@ def test_progressive_matches_p_sample_loop(sched, x0_target):
 def test_progressive_gaussian_snapshots(sched):
   """The x_t snapshots have the forward-process marginal variance abar sigma^2 + 1 - abar."""
   model_fn = gaussian_model(sched, MU, SIGMA)
-  x, snaps = sampling.p_sample_loop_progressive(
-      sched, model_fn, jax.random.PRNGKey(9), (512, 2, 2, 1), num_snapshots=sched.num_timesteps,
-      clip_denoised=False)
+  x, snaps = jrun(sampling.p_sample_loop_progressive, sched, model_fn, jax.random.PRNGKey(9),
+                  (512, 2, 2, 1), num_snapshots=sched.num_timesteps, clip_denoised=False)
   np.testing.assert_array_equal(snaps['t'], np.arange(sched.num_timesteps)[::-1])
   abar = np.asarray(sched.alphas_cumprod)[np.asarray(snaps['t'])]
   want = np.sqrt(abar * SIGMA ** 2 + 1 - abar)
@@ -263,7 +270,7 @@ def test_progressive_gaussian_snapshots(sched):
 SAMPLER_CALLS = {
     'ancestral': lambda s, m, r: sampling.p_sample_loop(s, m, r, SHAPE),
     'progressive': lambda s, m, r: sampling.p_sample_loop_progressive(s, m, r, SHAPE,
-                                                                      num_snapshots=4)[0],
+                                                                      num_snapshots=4),
     'ddim': lambda s, m, r: sampling.ddim_sample_loop(s, m, r, SHAPE, num_steps=10, eta=0.5),
     'pc': lambda s, m, r: sampling.pc_sample_loop(s, m, r, SHAPE, num_corrector_steps=3),
     'pc_respaced': lambda s, m, r: sampling.pc_sample_loop(s, m, r, SHAPE, num_steps=10),
@@ -271,24 +278,32 @@ SAMPLER_CALLS = {
 
 
 @pytest.mark.parametrize('name', sorted(SAMPLER_CALLS))
-def test_compiles_once_and_chain_is_scan(sched, name):
+def test_chain_is_one_scan(sched, name):
+  """The model is traced once per scan body (pc: predictor + corrector), never per step."""
+  traces = []
+
+  def model_fn(x, t):
+    traces.append((t.shape, t.dtype))
+    return 0.1 * x
+
+  jaxpr = jax.make_jaxpr(lambda r: SAMPLER_CALLS[name](sched, model_fn, r))(
+      jax.random.PRNGKey(0))
+  assert len(traces) == (2 if name.startswith('pc') else 1), traces
+  assert all(tr == ((SHAPE[0],), jnp.int32) for tr in traces), traces
+  assert any(eqn.primitive.name == 'scan' for eqn in jaxpr.jaxpr.eqns), jaxpr
+
+
+def test_jitted_sampler_compiles_once(sched):
   traces = []
 
   def model_fn(x, t):
     traces.append(t.shape)
     return 0.1 * x
 
-  call = SAMPLER_CALLS[name]
-  f = jax.jit(lambda r: call(sched, model_fn, r))
-  a = f(jax.random.PRNGKey(0))
-  b = f(jax.random.PRNGKey(1))
-  assert f._cache_size() == 1
+  f = jax.jit(lambda r: sampling.pc_sample_loop(sched, model_fn, r, SHAPE, num_steps=10))
+  a, b = f(jax.random.PRNGKey(0)), f(jax.random.PRNGKey(1))
+  assert f._cache_size() == 1 and len(traces) == 2
   assert not np.allclose(a, b)
-  # the model is traced once per scan body (pc: predictor + corrector), never per step
-  assert len(traces) == (2 if name.startswith('pc') else 1), traces
-  assert all(shape == (SHAPE[0],) for shape in traces)
-  jaxpr = jax.make_jaxpr(lambda r: call(sched, model_fn, r))(jax.random.PRNGKey(0))
-  assert 'scan' in str(jaxpr)
 
 
 # --- from a config --------------------------------------------------------------------------------
@@ -305,33 +320,43 @@ def small_config(sampler):
   return config
 
 
-def test_sample_from_config_dispatch(sched, x0_target):
-  s = make_schedule('linear', 20, beta_start=1e-3, beta_end=0.3)
-  model_fn = gaussian_model(s, MU, SIGMA)
-  rng = jax.random.PRNGKey(10)
+def test_sample_from_config_dispatch(monkeypatch):
+  """Each sampler gets the config's arguments (recorded, not run: no compilation)."""
+  calls = {}
+  for fn in ('p_sample_loop', 'ddim_sample_loop', 'pc_sample_loop'):
+    monkeypatch.setattr(sampling, fn, lambda *a, _fn=fn, **kw: calls.setdefault(_fn, (a, kw)))
+  s, rng = make_schedule('linear', 20), jax.random.PRNGKey(10)
   config = small_config('ancestral')
-  np.testing.assert_array_equal(sampling.sample_from_config(config, s, model_fn, rng, SHAPE),
-                                sampling.p_sample_loop(s, model_fn, rng, SHAPE))
+  config.diffusion.var_type = 'fixed_small'
+  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
+  assert calls['p_sample_loop'] == ((s, zero_model, rng, SHAPE), dict(
+      mean_type='eps', var_type='fixed_small', clip_denoised=True, x_T=None))
   config = small_config('ddim')
   config.sampling.eta = 0.5
   config.sampling.skip_type = 'quadratic'
-  np.testing.assert_array_equal(
-      sampling.sample_from_config(config, s, model_fn, rng, SHAPE),
-      sampling.ddim_sample_loop(s, model_fn, rng, SHAPE, num_steps=5, eta=0.5,
-                                skip_type='quadratic'))
+  config.diffusion.mean_type = 'v'
+  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
+  assert calls['ddim_sample_loop'][1] == dict(num_steps=5, eta=0.5, skip_type='quadratic',
+                                              mean_type='v', clip_denoised=True, x_T=None)
   config = small_config('pc')
   config.sampling.pc_snr = 0.1
   config.sampling.pc_corrector_steps = 2
-  config.diffusion.var_type = 'fixed_small'
   config.diffusion.clip_denoised = False
-  np.testing.assert_array_equal(
-      sampling.sample_from_config(config, s, model_fn, rng, SHAPE),
-      sampling.pc_sample_loop(s, model_fn, rng, SHAPE, num_steps=5, snr=0.1,
-                              num_corrector_steps=2, var_type='fixed_small',
-                              clip_denoised=False))
-  config = small_config('euler')
+  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
+  assert calls['pc_sample_loop'][1] == dict(num_steps=5, snr=0.1, num_corrector_steps=2,
+                                            var_type='fixed_large', mean_type='eps',
+                                            clip_denoised=False, x_T=None)
   with pytest.raises(ValueError, match=r"sampling\.sampler.*'ancestral'.*'ddim'.*'pc'"):
-    sampling.sample_from_config(config, s, model_fn, rng, SHAPE)
+    sampling.sample_from_config(small_config('euler'), s, zero_model, rng, SHAPE)
+
+
+def test_sample_from_config_runs(x0_target):
+  s = make_schedule('linear', 20, beta_start=1e-3, beta_end=0.3)
+  model_fn = oracle_model(s, x0_target)
+  out = jax.jit(lambda r: {k: sampling.sample_from_config(small_config(k), s, model_fn, r, SHAPE)
+                           for k in sampling.SAMPLERS})(jax.random.PRNGKey(0))
+  for sampler, x in out.items():
+    np.testing.assert_allclose(x, x0_target, atol=1e-4, err_msg=sampler)
 
 
 def test_make_sampler_jits_once():
@@ -339,24 +364,19 @@ def test_make_sampler_jits_once():
 
   config = small_config('ddim')
   s = make_schedule('linear', 20)
-  apply_fn = lambda params, x, t: params['w'] * x
-  f = sampling.make_sampler(config, s, apply_fn)
+  f = sampling.make_sampler(config, s, lambda params, x, t: params['w'] * x)
   params = {'w': jnp.float32(0.1)}
   a, b = f(params, jax.random.PRNGKey(0)), f(params, jax.random.PRNGKey(1))
   assert a.shape == (4, 4, 4, 1) and f._cache_size() == 1 and not np.allclose(a, b)
-  np.testing.assert_allclose(
-      a, sampling.sample_from_config(config, s, lambda x, t: 0.1 * x, jax.random.PRNGKey(0),
-                                     (4, 4, 4, 1)), atol=1e-6)
 
-  class Tiny(nn.Module):
+  class Scale(nn.Module):   # a Flax module is called as module.apply(params, x, t, train=False)
     @nn.compact
-    def __call__(self, x, t, train=False):
-      return nn.Dense(x.shape[-1])(x) * (t[:, None, None, None] > 5)
+    def __call__(self, x, t, train=True):
+      assert not train and t.dtype == jnp.int32
+      return 0.1 * x
 
-  module = Tiny()
-  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32))
-  g = sampling.make_sampler(config, s, module, batch_size=3)
-  assert g(variables, jax.random.PRNGKey(0)).shape == (3, 4, 4, 1)
+  g = sampling.make_sampler(config, s, Scale())
+  np.testing.assert_allclose(g({}, jax.random.PRNGKey(0)), a, atol=1e-6)
 
 
 def test_make_sampler_shards_batch_over_devices():
@@ -379,7 +399,8 @@ def test_make_sampler_shards_batch_over_devices():
       x = f(params, jax.random.PRNGKey(0))
       assert x.sharding.spec == P('data'), x.sharding
       assert len(x.sharding.device_set) == 2
-      ref = sampling.p_sample_loop(s, lambda x, t: 0.1 * x, jax.random.PRNGKey(0), (4, 4, 4, 1))
+      ref = jax.jit(lambda r: sampling.p_sample_loop(s, lambda x, t: 0.1 * x, r, (4, 4, 4, 1)))(
+          jax.random.PRNGKey(0))
       np.testing.assert_allclose(np.asarray(x), np.asarray(ref), atol=1e-5)
       g = sampling.make_sampler(config, s, apply_fn, batch_size=3)   # not divisible: unsharded
       assert g(params, jax.random.PRNGKey(0)).shape == (3, 4, 4, 1)

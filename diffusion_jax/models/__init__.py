@@ -38,6 +38,13 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
+def _required(model: Any, key: str) -> Any:
+  value = _get(model, key)
+  if value is None:
+    raise ValueError(f'The model config has no model.{key}.')
+  return value
+
+
 def _dtype_name(dtype: Any) -> str:
   if isinstance(dtype, str):
     return dtype
@@ -72,7 +79,7 @@ def create_model(config: Any) -> UNet:
     legitimately shrink ``data.image_size`` for quick runs.
   """
   if _get(config, 'model') is not None:
-    model = config.model
+    model = _get(config, 'model')
     data = _get(config, 'data')
     diffusion = _get(config, 'diffusion')
     out_ch = int(_get(data, 'num_channels', DEFAULT_OUT_CHANNELS)
@@ -99,9 +106,9 @@ def create_model(config: Any) -> UNet:
     raise ValueError(f'Unknown model.dtype={dtype_name!r}; allowed values: '
                      f'{tuple(DTYPES)}.')
 
-  ch = int(model.ch)
-  ch_mult = tuple(int(m) for m in model.ch_mult)
-  num_res_blocks = int(model.num_res_blocks)
+  ch = int(_required(model, 'ch'))
+  ch_mult = tuple(int(m) for m in _required(model, 'ch_mult'))
+  num_res_blocks = int(_required(model, 'num_res_blocks'))
   attn_resolutions = tuple(int(r) for r in _get(model, 'attn_resolutions', ()))
   dropout = float(_get(model, 'dropout', 0.0))
   num_groups = int(_get(model, 'num_groups', 32))

@@ -1,0 +1,43 @@
+"""Converting model images to 8-bit pixels and saving PNG grids (Pillow)."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8 in [0, 255], rounding as the DDPM reference code does."""
+  x = np.asarray(images, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images, *, nrow: int | None = None, padding: int = 1, pad_value: int = 255) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [rows*H', cols*W', C] array."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  n, h, w, c = images.shape
+  ncol = nrow or max(1, int(math.ceil(math.sqrt(n))))
+  nrows = int(math.ceil(n / ncol))
+  grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value,
+                 np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncol)
+    y, x = padding + r * (h + padding), padding + col * (w + padding)
+    grid[y:y + h, x:x + w] = img
+  return grid
+
+
+def save_grid(images, path: str, *, nrow: int | None = None, scale: int | None = None) -> str:
+  """Saves images ([-1, 1] floats or uint8, NHWC) as a PNG grid; small images are upscaled."""
+  grid = make_grid(images, nrow=nrow)
+  if scale is None:
+    scale = max(1, 256 // max(grid.shape[0], 1)) if grid.shape[0] < 256 else 1
+  img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img.save(path)
+  return path

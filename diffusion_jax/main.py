@@ -1,0 +1,51 @@
+r"""Entry point: ``python -m diffusion_jax.main --config configs/<name>.py --workdir DIR``.
+
+Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
+``sample`` (images from the EMA parameters of the latest checkpoint) and
+``eval`` (bits/dim, rate-distortion, progressive figures, FID). With no
+``--config`` the embedded digits configuration is used. Override any key with
+``--config.section.key=value``.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from diffusion_jax import config_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_dict('default_config', config_lib.digits_config(),
+                                'The embedded default (digits), used when --config is not given.')
+config_flags.DEFINE_config_file('config', None, 'Path to a configs/<name>.py file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', 'runs/digits', 'Directory for checkpoints, samples and logs.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  config = FLAGS.config if FLAGS.config is not None else FLAGS.default_config
+  if config.training.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()
+  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
+               jax.devices())
+  if FLAGS.mode == 'train':
+    from diffusion_jax import train
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == 'sample':
+    from diffusion_jax import evaluate
+    evaluate.sample(config, FLAGS.workdir)
+  else:
+    from diffusion_jax import evaluate
+    evaluate.evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
