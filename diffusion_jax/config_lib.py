@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   optim.warmup_steps = 5000
   optim.grad_clip = 1.0
   optim.ema_decay = 0.9999
+  optim.ema_warmup = False       # decay min(ema_decay, (1+n)/(10+n)); the paper uses none
 
   # --- training loop --------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()
@@ -95,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   ev.inception_path = ml_collections.FieldReference(None, field_type=str)  # local .npz/.msgpack weights
   ev.fid_stats_path = ml_collections.FieldReference(None, field_type=str)  # reference mu/sigma .npz
   ev.classifier_steps = 2000      # digits classifier for the offline Frechet distance
+  ev.parts = 'bpd,rd,figures,fid,classifier'   # --mode eval parts (diffusion_jax/evaluate.py)
+  ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
+  ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
+  ev.inception_image_size = 299   # FID Inception input size (299; smaller only for smoke tests)
   return config
 
 
@@ -116,7 +121,8 @@ def digits_config() -> ml_collections.ConfigDict:
 
   config.optim.lr = 1e-3
   config.optim.warmup_steps = 200
-  config.optim.ema_decay = 0.999
+  config.optim.ema_decay = 0.995
+  config.optim.ema_warmup = True
 
   config.training.batch_size = 128
   config.training.num_train_steps = 2000

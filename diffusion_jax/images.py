@@ -34,7 +34,7 @@ def save_grid(images, path: str, *, nrow: int | None = None, scale: int | None =
   """Saves images ([-1, 1] floats or uint8, NHWC) as a PNG grid; small images are upscaled."""
   grid = make_grid(images, nrow=nrow)
   if scale is None:
-    scale = max(1, 256 // max(grid.shape[0], 1)) if grid.shape[0] < 256 else 1
+    scale = max(1, 512 // max(grid.shape[0], 1))
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)

@@ -102,6 +102,20 @@ def model_fn_for(model, params, *, train: bool = False, dropout_rng=None):
 # --- the step -------------------------------------------------------------------------
 
 
+def ema_decay(config, step):
+  """``optim.ema_decay``; with ``optim.ema_warmup``, min(decay, (1 + n) / (10 + n)).
+
+  The DDPM paper uses a plain 0.9999 (no warm-up). The warm-up (as in
+  tf.train.ExponentialMovingAverage with num_updates) lets short runs use their
+  EMA without it being dominated by the initial weights.
+  """
+  decay = jnp.asarray(config.optim.ema_decay, jnp.float32)
+  if config.optim.get('ema_warmup', False):
+    n = jnp.asarray(step, jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+  return decay
+
+
 def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, lr_fn):
   """One optimiser step on a global batch; returns (new state, metrics).
 
@@ -127,7 +141,7 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, 1.0 - config.optim.ema_decay)
+  ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(config, state.step))
   history = state.loss_history
   if history is not None:
     history = timestep_sampler.update_history(history, t, jax.lax.stop_gradient(terms['loss']))

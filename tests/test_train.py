@@ -1,0 +1,234 @@
+"""Tests for the training system: CLI end to end, exact resume, multi-device equivalence, guards."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import checkpoint as ckpt
+from diffusion_jax import config_lib
+from diffusion_jax import data as data_lib
+from diffusion_jax import train
+
+TINY = {
+    'model.ch': 32, 'model.ch_mult': (1, 2), 'model.num_res_blocks': 1, 'model.num_groups': 8,
+    'model.attn_resolutions': (4,), 'diffusion.num_timesteps': 20, 'training.batch_size': 16,
+    'optim.warmup_steps': 2, 'sampling.sampler': 'ddim', 'sampling.num_steps': 5,
+    'training.num_sample_images': 4,
+}
+
+
+def tiny_config(**overrides):
+  config = config_lib.digits_config()
+  for key, value in {**TINY, **overrides}.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def _cli(workdir, *flags, **kw):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  args = [f'--default_config.{k}={v}'.replace(' ', '') for k, v in TINY.items()]
+  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', f'--workdir={workdir}',
+                           *args, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env, **kw)
+
+
+def test_cli_end_to_end_and_resume(tmp_path):
+  workdir = tmp_path / 'run'
+  flags = ['--default_config.training.num_train_steps=6',
+           '--default_config.training.checkpoint_every_steps=3',
+           '--default_config.training.log_every_steps=3',
+           '--default_config.training.sample_every_steps=6']
+  proc = _cli(workdir, *flags)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
+  assert glob.glob(str(workdir / 'tensorboard' / 'events.out.tfevents.*'))
+  assert os.path.getsize(workdir / 'samples' / 'samples_00000006.png') > 0
+  resolved = json.loads((workdir / 'config.json').read_text())
+  assert resolved['model']['ch'] == 32 and resolved['data']['name'] == 'digits'
+  assert f'Outputs in {workdir}' in out
+  # Starting the same command with more steps resumes from step 6.
+  proc = _cli(workdir, *flags[1:], '--default_config.training.num_train_steps=9')
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert 'Resuming from checkpoint' in out and '(step 6 of 9)' in out
+  assert '9' in os.listdir(workdir / 'checkpoints')
+
+
+def test_sigterm_saves_a_checkpoint_and_run_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  flags = ['--default_config.training.num_train_steps=100000',
+           '--default_config.training.checkpoint_every_steps=100000',
+           '--default_config.training.log_every_steps=1',
+           '--default_config.training.sample_every_steps=100000']
+  proc = _cli(workdir, *flags)
+  deadline = time.time() + 300
+  while not glob.glob(str(workdir / 'tensorboard' / 'events.*')) and time.time() < deadline:
+    time.sleep(0.5)
+  time.sleep(2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints')]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  # The resumed run starts from the preemption checkpoint.
+  proc = _cli(workdir, *flags[1:], f'--default_config.training.num_train_steps={steps[0] + 1}')
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert f'(step {steps[0]} of {steps[0] + 1})' in out
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+  common = dict(**{'training.checkpoint_every_steps': 2, 'training.log_every_steps': 2,
+                   'training.sample_every_steps': 100})
+  straight = train.train_and_evaluate(tiny_config(**{'training.num_train_steps': 4}, **common),
+                                      str(tmp_path / 'a'))
+  train.train_and_evaluate(tiny_config(**{'training.num_train_steps': 2}, **common),
+                           str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(tiny_config(**{'training.num_train_steps': 4}, **common),
+                                     str(tmp_path / 'b'))
+  assert int(straight.step) == int(resumed.step) == 4
+  chex.assert_trees_all_close(resumed.params, straight.params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(resumed.ema_params, straight.ema_params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(resumed.opt_state, straight.opt_state, rtol=1e-6, atol=1e-7)
+  # The saved data position is the one the uninterrupted run reached.
+  with ckpt.create_manager(str(tmp_path / 'b')) as m:
+    data_state = m.restore(4, args=ckpt.ocp.args.Composite(data=ckpt.ocp.args.JsonRestore()))['data']
+  assert data_state == {'next_index': 4}
+
+
+MULTI_DEVICE_SCRIPT = r'''
+import json, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from test_train import tiny_config
+from diffusion_jax import data as data_lib, train
+assert jax.device_count() == 8, jax.devices()
+config = tiny_config(**{'model.dropout': 0.1})
+model, schedule, optimizer, _, state0 = train.setup(config)
+results = {}
+for n in (1, 8):
+  mesh = train.make_mesh(jax.devices()[:n])
+  state = jax.device_put(jax.device_get(state0), NamedSharding(mesh, P()))
+  step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  it = data_lib.create_train_iterator(config)
+  losses = []
+  for _ in range(3):
+    batches = train.next_batches(it, 1, NamedSharding(mesh, P(None, 'data')))
+    assert len(batches['image'].sharding.device_set) == n
+    state, metrics = step_fn(state, batches)
+    losses.append(float(metrics['loss'][0]))
+  results[n] = (losses, jax.device_get(state.params))
+np.testing.assert_allclose(results[1][0], results[8][0], rtol=1e-5)
+# Adam's update lr*m/(sqrt(v)+eps) amplifies reduction-order rounding for
+# near-zero gradients: compare to 1% of the learning rate (1e-3).
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+             results[1][1], results[8][1])
+print('LOSSES', json.dumps(results[1][0]), json.dumps(results[8][0]))
+'''
+
+
+def test_eight_devices_match_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, os.path.dirname(__file__)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'LOSSES' in proc.stdout
+
+
+def test_train_step_finite_guard():
+  config = tiny_config()
+  model, schedule, optimizer, mesh, state = train.setup(config)
+  step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  before = jax.device_get(state)
+  bad = {'image': jnp.full((1, 16, 8, 8, 1), jnp.nan)}
+  state, metrics = step_fn(state, bad)
+  assert float(metrics['finite'][0]) == 0.0
+  chex.assert_trees_all_equal(jax.device_get(state.params), before.params)
+  chex.assert_trees_all_equal(jax.device_get(state.ema_params), before.ema_params)
+  with pytest.raises(FloatingPointError, match='Non-finite loss or gradient at step 1'):
+    train._check_finite(train._flush_metrics([metrics]), 1)
+  good = {'image': jnp.zeros((1, 16, 8, 8, 1))}
+  state, metrics = step_fn(state, good)
+  assert float(metrics['finite'][0]) == 1.0 and int(state.step) == 2
+
+
+def test_ema_and_warmup():
+  warm = tiny_config(**{'optim.ema_decay': 0.9, 'optim.ema_warmup': True})
+  np.testing.assert_allclose([train.ema_decay(warm, n) for n in (0, 10, 1000)],
+                             [1 / 10, 11 / 20, 0.9], rtol=1e-6)
+  config = tiny_config(**{'optim.ema_decay': 0.5, 'optim.warmup_steps': 4, 'optim.lr': 1e-2,
+                          'optim.ema_warmup': False})
+  lr = train.learning_rate_schedule(config)
+  np.testing.assert_allclose([lr(0), lr(2), lr(4), lr(100)], [0.0, 5e-3, 1e-2, 1e-2], rtol=1e-6)
+  model, schedule, optimizer, mesh, state = train.setup(config)
+  step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  it = data_lib.create_train_iterator(config)
+  p0 = jax.device_get(state.params)
+  for _ in range(3):
+    state, _ = step_fn(state, {'image': jnp.asarray(next(it)['image'])[None]})
+  # ema_k = 0.5 ema_{k-1} + 0.5 p_k on the next step.
+  ema_prev = jax.device_get(state.ema_params)
+  state, _ = step_fn(state, {'image': jnp.asarray(next(it)['image'])[None]})
+  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, ema_prev, jax.device_get(state.params))
+  chex.assert_trees_all_close(jax.device_get(state.ema_params), expected, rtol=1e-6, atol=1e-7)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0),
+                                                    jax.tree.leaves(jax.device_get(state.params))))
+
+
+def test_steps_per_call_scan_matches_single_steps():
+  config = tiny_config()
+  model, schedule, optimizer, mesh, state = train.setup(config)
+  one = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  it = data_lib.create_train_iterator(config)
+  batches = np.stack([next(it)['image'] for _ in range(2)])
+  s1 = jax.device_get(state)
+  a, _ = one(state, {'image': jnp.asarray(batches[:1])})
+  a, _ = one(a, {'image': jnp.asarray(batches[1:])})
+  b, m = one(jax.device_put(s1), {'image': jnp.asarray(batches)})
+  assert m['loss'].shape == (2,) and int(a.step) == int(b.step) == 2
+  chex.assert_trees_all_close(jax.device_get(a.params), jax.device_get(b.params), rtol=1e-4,
+                              atol=1e-6)
+
+
+def test_importance_sampled_vlb_runs():
+  config = tiny_config(**{'diffusion.loss_type': 'vlb', 'diffusion.t_sampler': 'importance',
+                          'diffusion.var_type': 'learned_range'})
+  model, schedule, optimizer, mesh, state = train.setup(config)
+  step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  it = data_lib.create_train_iterator(config)
+  state, metrics = step_fn(state, {'image': jnp.asarray(next(it)['image'])[None]})
+  assert np.isfinite(float(metrics['loss'][0])) and 'vb' in metrics
+  assert int(state.loss_history.counts.sum()) == 16
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'data.name': 'imagenet'}, 'data.name'),
+    ({'data.image_size': 6, 'model.ch_mult': (1, 2, 2)}, 'data.image_size'),
+    ({'diffusion.mean_type': 'score'}, 'diffusion.mean_type'),
+    ({'sampling.sampler': 'euler'}, 'sampling.sampler'),
+    ({'optim.ema_decay': 1.0}, 'optim.ema_decay'),
+    ({'training.batch_size': 0}, 'training.batch_size'),
+    ({'diffusion.t_sampler': 'importance'}, 'diffusion.t_sampler'),
+])
+def test_bad_config_values_name_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.setup(tiny_config(**overrides))
+
+
+def test_batch_not_divisible_by_devices_names_the_field():
+  with pytest.raises(ValueError, match='training.batch_size'):
+    data_lib.validate_data_config(tiny_config(**{'training.batch_size': 12}), num_devices=8)
