@@ -26,14 +26,33 @@ flags.DEFINE_string('workdir', 'runs/digits', 'Directory for checkpoints, sample
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
 
 
+def initialize_distributed(config) -> None:
+  """``jax.distributed.initialize()`` for multi-host runs.
+
+  Used when ``training.distributed`` is true or ``JAX_COORDINATOR_ADDRESS`` is
+  set. On cloud TPU VMs and SLURM/Open MPI clusters JAX finds the coordinator
+  itself; elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port),
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every host.
+  """
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not (config.training.distributed or address):
+    return
+  kw = {}
+  if address:
+    kw['coordinator_address'] = address
+  for env, key in (('JAX_NUM_PROCESSES', 'num_processes'), ('JAX_PROCESS_ID', 'process_id')):
+    if os.environ.get(env):
+      kw[key] = int(os.environ[env])
+  jax.distributed.initialize(**kw)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   config = FLAGS.config if FLAGS.config is not None else FLAGS.default_config
-  if config.training.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+  initialize_distributed(config)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   if FLAGS.mode == 'train':

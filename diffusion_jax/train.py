@@ -200,8 +200,19 @@ def make_sample_fn(config, model, schedule, num_samples: int):
   return lambda params, rng: sampler({'params': params}, rng)
 
 
-def save_sample_grid(config, sample_fn, params, rng, path: str) -> str:
-  images = np.asarray(jax.device_get(sample_fn(params, rng)))
+def to_host(x) -> np.ndarray:
+  """A global array as one NumPy array on every host (gathers across hosts if needed)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def save_sample_grid(config, sample_fn, params, rng, path: str) -> Optional[str]:
+  """Samples with ``sample_fn`` and writes the PNG grid (from process 0 only)."""
+  images = to_host(sample_fn(params, rng))
+  if jax.process_index() != 0:
+    return None
   return image_lib.save_grid(images, path, nrow=int(np.ceil(np.sqrt(images.shape[0]))))
 
 

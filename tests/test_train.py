@@ -232,3 +232,19 @@ def test_bad_config_values_name_the_field(overrides, match):
 def test_batch_not_divisible_by_devices_names_the_field():
   with pytest.raises(ValueError, match='training.batch_size'):
     data_lib.validate_data_config(tiny_config(**{'training.batch_size': 12}), num_devices=8)
+
+
+@pytest.mark.slow
+def test_two_local_processes_over_jax_distributed(tmp_path):
+  """launch/local_multihost.sh: 2 processes x 4 CPU devices over 127.0.0.1 train and checkpoint."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  flags = [f'--default_config.{k}={v}'.replace(' ', '') for k, v in TINY.items()] + [
+      '--default_config.training.num_train_steps=4', '--default_config.training.checkpoint_every_steps=2',
+      '--default_config.training.log_every_steps=2', '--default_config.training.sample_every_steps=4']
+  proc = subprocess.run(['bash', os.path.join(root, 'launch', 'local_multihost.sh'),
+                         str(tmp_path / 'mh'), *flags], capture_output=True, text=True, env=env,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'mh' / 'checkpoints')) == ['2', '4']
+  assert os.path.exists(tmp_path / 'mh' / 'samples' / 'samples_00000004.png')
