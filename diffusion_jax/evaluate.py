@@ -653,16 +653,17 @@ def make_inception_fn(config, variables) -> Callable:
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
 
   @jax.jit
-  def fn(images):
+  def apply(variables, images):   # weights as arguments, not as compiled-in constants
     x = images.astype(jnp.float32)
     x = jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
     x = jax.image.resize(x, (x.shape[0], size, size, 3), method='bilinear', antialias=False)
     return model.apply(variables, x)
 
-  return fn
+  return lambda images: apply(variables, images)
 
 
-def fid_reference_stats(config, workdir: str, inception_fn) -> tuple[np.ndarray, np.ndarray, str]:
+def fid_reference_stats(config, workdir: str, inception_fn, batch_size: Optional[int] = None
+                        ) -> tuple[np.ndarray, np.ndarray, str]:
   """(mu, sigma, description) of the reference Inception pool3 features.
 
   ``eval.fid_stats_path`` if set (a TTUR / pytorch-fid style ``.npz``), else
@@ -685,7 +686,8 @@ def fid_reference_stats(config, workdir: str, inception_fn) -> tuple[np.ndarray,
     return mu, sigma, path
   images = data_lib.load_uint8(config, split, num=None if num < 0 else num)
   _say(f'  reference statistics: Inception features of {len(images)} {split} images')
-  feats, _ = inception_features(inception_fn, images, int(ev.batch_size))
+  feats, _ = inception_features(inception_fn, images,
+                                int(batch_size or min(ev.batch_size, len(images))))
   mu, sigma = metrics.feature_statistics(feats)
   if _is_main():
     metrics.save_stats(path, mu, sigma)
@@ -693,10 +695,22 @@ def fid_reference_stats(config, workdir: str, inception_fn) -> tuple[np.ndarray,
 
 
 def inception_features(inception_fn, images: np.ndarray, batch_size: int):
-  """pool3 ``[N, 2048]`` and logits ``[N, 1008]`` of uint8 images, one compiled batch shape."""
-  from diffusion_jax import inception  # pylint: disable=g-import-not-at-top
-  return inception.inception_features(inception_fn, images,
-                                      batch_size=max(1, min(batch_size, len(images))))
+  """pool3 ``[N, 2048]`` and logits ``[N, 1008]`` of uint8 images.
+
+  Every call of ``inception_fn`` gets exactly ``batch_size`` images (the last
+  chunk is padded by repetition, the padding dropped): one compiled shape.
+  """
+  images = np.asarray(images)
+  feats, logits = [], []
+  for i in range(0, images.shape[0], batch_size):
+    x = images[i:i + batch_size]
+    k = x.shape[0]
+    if k < batch_size:
+      x = np.concatenate([x, np.repeat(x[-1:], batch_size - k, axis=0)], axis=0)
+    f, l = inception_fn(x)
+    feats.append(np.asarray(f, np.float64)[:k])
+    logits.append(np.asarray(l, np.float64)[:k])
+  return np.concatenate(feats, 0), np.concatenate(logits, 0)
 
 
 def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
@@ -718,11 +732,13 @@ def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
     return {'skipped': msg}
   variables = inception.load_inception_params(ev.inception_path)
   fn = make_inception_fn(config, variables)
-  mu_ref, sigma_ref, ref = fid_reference_stats(config, workdir, fn)
+  # One batch shape for references and samples (small sample sets: their size).
+  bs = int(min(ev.batch_size, max([len(x) for x in sample_sets.values()] or [ev.batch_size])))
+  mu_ref, sigma_ref, ref = fid_reference_stats(config, workdir, fn, bs)
   out = {'reference': ref, 'inception_path': str(ev.inception_path),
          'inception_image_size': int(ev.get('inception_image_size', inception.INCEPTION_SIZE))}
   for label, images in sample_sets.items():
-    feats, logits = inception_features(fn, images, int(ev.batch_size))
+    feats, logits = inception_features(fn, images, bs)
     mu, sigma = metrics.feature_statistics(feats)
     is_mean, is_std = metrics.inception_score(logits, num_splits=min(10, len(images)))
     out[label] = dict(num_samples=int(len(images)),
