@@ -99,7 +99,6 @@ def base_config() -> ml_collections.ConfigDict:
   ev.parts = 'bpd,rd,figures,fid,classifier'   # --mode eval parts (diffusion_jax/evaluate.py)
   ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
   ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
-  ev.inception_image_size = 299   # FID Inception input size (299; smaller only for smoke tests)
   return config
 
 

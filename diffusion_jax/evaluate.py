@@ -44,7 +44,6 @@ import re
 from typing import Any, Callable, Optional
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -85,11 +84,7 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-host sharded) array as one NumPy array on every host."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
+to_host = train.to_host   # gathers a multi-host sharded array (process_allgather)
 
 
 def apply_fn_for(model) -> ApplyFn:
@@ -132,6 +127,15 @@ def _save_npz(path: str, **arrays) -> None:
   tmp = path + '.tmp.npz'
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
+
+
+def _cached(path: str) -> bool:
+  """Whether a cached file may be reused: it exists and this is a single-process run.
+
+  With several processes every one must take the same (collective) path, and
+  only process 0 writes files, so caches are not reused there.
+  """
+  return jax.process_count() == 1 and os.path.exists(path)
 
 
 def parse_parts(parts: str) -> list[str]:
@@ -256,7 +260,7 @@ def sample_set(config, workdir: str, schedule: Schedule, apply_fn: ApplyFn, para
                label: str, sampler: str, steps: int, num: int) -> np.ndarray:
   """``num`` uint8 samples of one sample set, cached in ``eval/samples_<label>_step<step>.npz``."""
   path = os.path.join(workdir, 'eval', f'samples_{label}_step{step}.npz')
-  if os.path.exists(path):
+  if _cached(path):
     with np.load(path) as f:
       if f['images'].shape[0] >= num:
         _say(f'  {label}: reusing {path}')
@@ -274,7 +278,7 @@ def sample_set(config, workdir: str, schedule: Schedule, apply_fn: ApplyFn, para
   return images
 
 
-# --- bits/dim (DDPM eq. 5, Table 2) -----------------------------------------------------
+# --- bits/dim (DDPM eq. 5) ----------------------------------------------------------------
 
 
 def eval_images(config, num: Optional[int] = None, split: Optional[str] = None) -> np.ndarray:
@@ -536,8 +540,8 @@ def progressive_generation(config, schedule, apply_fn, params, rng, *, num_sampl
       var_type=d.var_type, clip_denoised=bool(d.get('clip_denoised', True)),
       num_snapshots=k))
   x0, snaps = fn(params, rng)
-  return dict(x0=np.asarray(x0), pred_x0=np.swapaxes(np.asarray(snaps['pred_x0']), 0, 1),
-              x_t=np.swapaxes(np.asarray(snaps['x_t']), 0, 1), t=np.asarray(snaps['t']))
+  return dict(x0=to_host(x0), pred_x0=np.swapaxes(to_host(snaps['pred_x0']), 0, 1),
+              x_t=np.swapaxes(to_host(snaps['x_t']), 0, 1), t=to_host(snaps['t']))
 
 
 def shared_latent_samples(config, schedule, apply_fn, params, x0, rng, *,
@@ -558,8 +562,8 @@ def shared_latent_samples(config, schedule, apply_fn, params, x0, rng, *,
   batch = jnp.repeat(x_t, num_samples, axis=0)
   t_start = np.repeat(ts, num_samples)
   chain = chain or _chain_fn(config, schedule, apply_fn)
-  out = np.asarray(chain(params, jax.random.fold_in(rng, 1), batch, t_start))
-  return dict(t=ts, x_t=np.asarray(x_t), samples=out.reshape((len(ts), num_samples) + x0.shape))
+  out = to_host(chain(params, jax.random.fold_in(rng, 1), batch, t_start))
+  return dict(t=ts, x_t=to_host(x_t), samples=out.reshape((len(ts), num_samples) + x0.shape))
 
 
 def interpolate(config, schedule, apply_fn, params, x0a, x0b, rng, *,
@@ -587,7 +591,7 @@ def interpolate(config, schedule, apply_fn, params, x0a, x0b, rng, *,
   keys = jax.random.split(jax.random.fold_in(rng, 1), pairs)
   keys = jnp.repeat(keys, num_lambdas, axis=0)    # one reverse-noise stream per pair
   chain = chain or _chain_fn(config, schedule, apply_fn)
-  out = np.asarray(chain(params, keys, batch, jnp.full((batch.shape[0],), t, jnp.int32)))
+  out = to_host(chain(params, keys, batch, jnp.full((batch.shape[0],), t, jnp.int32)))
   return dict(t=t, lambdas=lam, decoded=out.reshape((pairs, num_lambdas) + x0a.shape[1:]))
 
 
@@ -636,32 +640,6 @@ def write_figures(config, schedule, apply_fn, params, test_images: np.ndarray, r
 # --- FID / Inception Score -------------------------------------------------------------------
 
 
-def make_inception_fn(config, variables) -> Callable:
-  """Jitted ``uint8 images -> (pool3, logits)`` of the FID Inception.
-
-  ``eval.inception_image_size`` is 299 for real FIDs (the network's input,
-  pytorch-fid's resize); a smaller size (>= 75) only for smoke tests: the
-  images are then resized to it and the network runs without its own resize.
-  """
-  from diffusion_jax import inception  # pylint: disable=g-import-not-at-top
-  size = int(config.eval.get('inception_image_size', inception.INCEPTION_SIZE))
-  if size == inception.INCEPTION_SIZE:
-    return inception.make_inception_fn(variables)
-  if size < 75:
-    raise ValueError(f'eval.inception_image_size={size}: the Inception network needs >= 75.')
-  model = inception.InceptionV3FID(input_range='0_255', resize_input=False)
-  variables = jax.tree_util.tree_map(jnp.asarray, variables)
-
-  @jax.jit
-  def apply(variables, images):   # weights as arguments, not as compiled-in constants
-    x = images.astype(jnp.float32)
-    x = jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), method='bilinear', antialias=False)
-    return model.apply(variables, x)
-
-  return lambda images: apply(variables, images)
-
-
 def fid_reference_stats(config, workdir: str, inception_fn, batch_size: Optional[int] = None
                         ) -> tuple[np.ndarray, np.ndarray, str]:
   """(mu, sigma, description) of the reference Inception pool3 features.
@@ -676,10 +654,9 @@ def fid_reference_stats(config, workdir: str, inception_fn, batch_size: Optional
     mu, sigma = metrics.load_stats(ev.fid_stats_path)
     return mu, sigma, str(ev.fid_stats_path)
   num = int(ev.get('num_fid_reference', -1))
-  size = int(ev.get('inception_image_size', inception.INCEPTION_SIZE))
   split = config.data.train_split
   weights = os.path.splitext(os.path.basename(str(ev.inception_path)))[0]
-  tag = re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{config.data.name}_{split}_{num}_{size}_{weights}')
+  tag = re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{config.data.name}_{split}_{num}_{weights}')
   path = os.path.join(workdir, 'eval', f'fid_stats_{tag}.npz')
   if os.path.exists(path):
     mu, sigma = metrics.load_stats(path)
@@ -724,19 +701,20 @@ def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
   from diffusion_jax import inception  # pylint: disable=g-import-not-at-top
   ev = config.eval
   if not ev.inception_path:
-    msg = ('FID / Inception Score skipped: eval.inception_path is not set. Set '
-           '--config.eval.inception_path=/path/to/pt_inception-2015-12-05.npz (or a .msgpack '
-           'from inception.save_inception_params) to compute them; nothing is downloaded. '
+    msg = ('FID / Inception Score skipped: eval.inception_path is not set. Set it to a local '
+           'weights file to compute them (--config.eval.inception_path=PATH, or '
+           '--default_config.eval.inception_path=PATH without --config; a .npz of '
+           "pytorch-fid's weights or a .msgpack from inception.save_inception_params); "
+           'nothing is downloaded. '
            f'See diffusion_jax/inception.py for how to make the file from {inception.FID_WEIGHTS_NAME}.')
     _say(f'  {msg}')
     return {'skipped': msg}
   variables = inception.load_inception_params(ev.inception_path)
-  fn = make_inception_fn(config, variables)
+  fn = inception.make_inception_fn(variables)   # uint8 [0, 255] in, resized to 299
   # One batch shape for references and samples (small sample sets: their size).
   bs = int(min(ev.batch_size, max([len(x) for x in sample_sets.values()] or [ev.batch_size])))
   mu_ref, sigma_ref, ref = fid_reference_stats(config, workdir, fn, bs)
-  out = {'reference': ref, 'inception_path': str(ev.inception_path),
-         'inception_image_size': int(ev.get('inception_image_size', inception.INCEPTION_SIZE))}
+  out = {'reference': ref, 'inception_path': str(ev.inception_path)}
   for label, images in sample_sets.items():
     feats, logits = inception_features(fn, images, bs)
     mu, sigma = metrics.feature_statistics(feats)
@@ -853,7 +831,8 @@ def _part_bpd(ctx: _Context) -> dict:
   _write_json(os.path.join(ctx.eval_dir, 'bpd.json'), summary)
   _save_npz(os.path.join(ctx.eval_dir, 'bpd_terms.npz'), vb=result['vb'],
             xstart_mse=result['xstart_mse'], mse=result['mse'],
-            prior_bpd=np.mean(result['prior_bpd']), total_bpd=np.mean(result['total_bpd']))
+            prior_bpd=np.mean(result['prior_bpd']), total_bpd=np.mean(result['total_bpd']),
+            step=ctx.step)
   _say(f'  test NLL {summary["total_bpd"]:.4f} ± {summary["total_bpd_stderr"]:.4f} bits/dim '
        f'= L_T {summary["L_T_prior_bpd"]:.4f} + sum L_t {summary["sum_L_t_bpd"]:.4f} '
        f'+ L_0 {summary["L_0_decoder_bpd"]:.4f} ({summary["num_examples"]} images) '
@@ -867,11 +846,14 @@ def _part_rd(ctx: _Context) -> dict:
     vb, mse, prior = r['vb'], r['xstart_mse'], np.mean(r['prior_bpd'])
   else:
     path = os.path.join(ctx.eval_dir, 'bpd_terms.npz')
-    if not os.path.exists(path):
+    stale = not _cached(path)
+    if not stale:
+      with np.load(path) as f:
+        vb, mse, prior = f['vb'], f['xstart_mse'], float(f['prior_bpd'])
+        stale = int(f['step']) != ctx.step if 'step' in f.files else True
+    if stale:   # no terms of this checkpoint on disk: compute them (writes bpd.json too)
       _part_bpd(ctx)
       return _part_rd(ctx)
-    with np.load(path) as f:
-      vb, mse, prior = f['vb'], f['xstart_mse'], float(f['prior_bpd'])
   rd = rate_distortion(vb, mse, prior)
   csv_path, png_path = write_rate_distortion(rd, ctx.eval_dir)
   _say(f'  rate {rd["rate_bpd"][0]:.3f} -> {rd["rate_bpd"][-1]:.3f} bits/dim, distortion '
