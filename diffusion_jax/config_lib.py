@@ -182,10 +182,10 @@ def digits_config() -> ml_collections.ConfigDict:
   config.optim.ema_warmup = True
 
   config.training.batch_size = 128
-  config.training.num_train_steps = 2000
+  config.training.num_train_steps = 1500
   config.training.log_every_steps = 50
   config.training.checkpoint_every_steps = 500
-  config.training.sample_every_steps = 1000
+  config.training.sample_every_steps = 750
   config.training.num_sample_images = 100
 
   config.sampling.sampler = 'ddim'   # fast grids during training; eval also runs ancestral
