@@ -287,7 +287,7 @@ def _flush_metrics(pending: list) -> list:
   return out
 
 
-def setup(config, workdir: Optional[str] = None):
+def setup(config):
   """Validates the config and builds model, schedule, optimiser, mesh and initial state."""
   config_lib.validate_config(config)
   data_lib.validate_data_config(config, num_devices=jax.device_count())
@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   tr = config.training
   workdir = os.path.abspath(workdir)
-  model, schedule, optimizer, mesh, state = setup(config, workdir)
+  model, schedule, optimizer, mesh, state = setup(config)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -343,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def save(step):
     ckpt.save(manager, step, state, train_iter.get_state())
 
-  pending, history = [], []
+  pending = []
   t_last, step_last = time.time(), start
   bar = tqdm(total=tr.num_train_steps, initial=start, disable=not is_main, unit='step',
              dynamic_ncols=True)
