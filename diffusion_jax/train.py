@@ -160,7 +160,7 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
 
 
 def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
-  """``jax.jit`` of ``steps_per_call`` train steps (a ``lax.scan``) over stacked batches.
+  """``jax.jit`` of ``steps_per_call`` train steps (an unrolled ``lax.scan``) over stacked batches.
 
   Batches arrive as [steps_per_call, global_batch, H, W, C] sharded along the
   batch axis on the mesh's ``data`` axis; the state is replicated.
@@ -169,13 +169,13 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
                            optimizer=optimizer, lr_fn=learning_rate_schedule(config))
 
   def train_fn(state, batches):
+    # No loop construct: XLA:CPU runs the convolutions of a step inside a while
+    # loop ~18x slower (benchmarks/bench_train.py), and even a length-1 scan
+    # emits one. k is small, so unrolling costs only compile time.
     if batches['image'].shape[0] == 1:
-      # One step: no scan. (XLA:CPU runs the backward convolutions of a
-      # scanned step ~30x slower; on TPU/GPU a scan of several steps per call
-      # saves host round-trips.)
       state, metrics = step(state, jax.tree.map(lambda x: x[0], batches))
       return state, jax.tree.map(lambda x: x[None], metrics)
-    return jax.lax.scan(step, state, batches)
+    return jax.lax.scan(step, state, batches, unroll=True)
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, 'data'))
