@@ -8,6 +8,7 @@ Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -55,6 +56,17 @@ def main(argv):
   initialize_distributed(config)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
+  from diffusion_jax import data as data_lib
+  from diffusion_jax import models
+  try:  # a bad config or a missing data set: one clear line, no traceback
+    config_lib.validate_config(config)
+    data_lib.validate_data_config(config, num_devices=jax.device_count())
+    models.create_model(config)
+    if FLAGS.mode != 'sample':
+      data_lib.get_source(config, config.data.train_split if FLAGS.mode == 'train'
+                          else config.data.eval_split)
+  except (ValueError, data_lib.DatasetNotFoundError) as e:
+    sys.exit(f'error: {e}')
   if FLAGS.mode == 'train':
     from diffusion_jax import train
     train.train_and_evaluate(config, FLAGS.workdir)

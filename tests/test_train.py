@@ -248,3 +248,15 @@ def test_two_local_processes_over_jax_distributed(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / 'mh' / 'checkpoints')) == ['2', '4']
   assert os.path.exists(tmp_path / 'mh' / 'samples' / 'samples_00000004.png')
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--default_config.diffusion.mean_type=score', "error: diffusion.mean_type='score'"),
+    ('--default_config.data.name=cifar10', "error: Data set 'cifar10'"),
+])
+def test_cli_bad_config_is_one_clear_line(tmp_path, flag, message):
+  proc = _cli(tmp_path / 'run', flag, f'--default_config.data.data_dir={tmp_path / "none"}')
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert message in out and 'Traceback' not in out
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
