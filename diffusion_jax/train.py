@@ -274,6 +274,12 @@ def _check_finite(history: list, step: int):
         'Try a lower optim.lr, a smaller optim.grad_clip, or model.dtype=float32.')
 
 
+def _any_host(flag: bool) -> bool:
+  """True on every host when ``flag`` is true on any (a collective: all hosts must call it)."""
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def _summarise(history: list) -> dict:
   return {k: float(np.mean([m[k] for m in history])) for k in history[0] if k != 'finite'}
 
@@ -343,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def save(step):
     ckpt.save(manager, step, state, train_iter.get_state())
 
-  pending = []
+  pending, history = [], []   # metrics on device / fetched but not yet logged
   t_last, step_last = time.time(), start
   bar = tqdm(total=tr.num_train_steps, initial=start, disable=not is_main, unit='step',
              dynamic_ncols=True)
@@ -360,12 +366,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       bar.update(n)
       boundary = lambda every: step % every == 0 or step == tr.num_train_steps
       stop = preempt.signal is not None
+      if jax.process_count() > 1:  # hosts stop together, agreeing at log boundaries
+        stop = boundary(tr.log_every_steps) and _any_host(stop)
       if boundary(tr.log_every_steps) or boundary(tr.checkpoint_every_steps) or stop:
-        history = _flush_metrics(pending)
+        flushed = _flush_metrics(pending)
         pending = []
-        _check_finite(history, step)
+        _check_finite(flushed, step)
+        history.extend(flushed)   # every step since the last log line
         if boundary(tr.log_every_steps) or stop:
           summary = _summarise(history)
+          history = []
           now = time.time()
           summary['images_per_sec'] = (step - step_last) * tr.batch_size / max(now - t_last, 1e-9)
           t_last, step_last = now, step
