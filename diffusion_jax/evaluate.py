@@ -228,7 +228,7 @@ def sample(config, workdir: str) -> dict:
   if _is_main():
     _save_npz(npz, images=images)
     first = images[:100]
-    image_lib.save_grid(first, png, nrow=int(np.ceil(np.sqrt(len(first)))))
+    image_lib.save_grid(first, png)
     print(f'Wrote {len(images)} samples ({name}, {steps} steps) of checkpoint step {step}:\n'
           f'  {npz}\n  {png}', flush=True)
   return dict(npz=npz, png=png, step=step)
@@ -274,7 +274,7 @@ def sample_set(config, workdir: str, schedule: Schedule, apply_fn: ApplyFn, para
   _save_npz(path, images=images)
   if _is_main():
     grid = os.path.join(workdir, 'eval', f'samples_{label}.png')
-    image_lib.save_grid(images[:100], grid, nrow=int(np.ceil(np.sqrt(min(len(images), 100)))))
+    image_lib.save_grid(images[:100], grid)
   return images
 
 

@@ -208,12 +208,12 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def save_sample_grid(config, sample_fn, params, rng, path: str) -> Optional[str]:
+def save_sample_grid(sample_fn, params, rng, path: str) -> Optional[str]:
   """Samples with ``sample_fn`` and writes the PNG grid (from process 0 only)."""
   images = to_host(sample_fn(params, rng))
   if jax.process_index() != 0:
     return None
-  return image_lib.save_grid(images, path, nrow=int(np.ceil(np.sqrt(images.shape[0]))))
+  return image_lib.save_grid(images, path)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         save(step)
       if boundary(tr.sample_every_steps) and not stop:
         path = os.path.join(samples_dir, f'samples_{step:08d}.png')
-        save_sample_grid(config, sample_fn, state.ema_params, sample_rng, path)
+        save_sample_grid(sample_fn, state.ema_params, sample_rng, path)
         if is_main:
           tqdm.write(f'step {step}: wrote {path}')
       if stop:
