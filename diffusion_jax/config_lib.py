@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True
   model.num_groups = 32          # GroupNorm groups
   model.dtype = 'float32'        # compute dtype: float32 | bfloat16 (params stay float32)
+  model.remat = False            # jax.checkpoint around each residual block (less memory, ~1/3 more FLOPs)
+  model.conv_impl = 'auto'       # auto (matmul form for tiny layers on CPU) | xla | matmul
+  model.attention_impl = 'auto'  # auto (cuDNN flash attention on GPU where supported) | xla | cudnn
 
   # --- diffusion ------------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()
