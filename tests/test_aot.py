@@ -83,6 +83,7 @@ def test_parse_topology():
 def test_format_does_not_fit():
   report = dict(topology='v5e:2x2', devices=4, device_kind='TPU v5 lite', global_batch=16384,
                 per_device_batch=4096, dtype='bfloat16', remat=False, compile_seconds=86.0,
+                compile_cpu_seconds=90.0,
                 flops_per_step=None, memory_per_device_bytes=round(32.59 * GiB),
                 available_hbm_bytes=round(15.75 * GiB), hbm_per_device_bytes=16 * GiB,
                 error=REFUSAL)
