@@ -1,0 +1,153 @@
+"""What every evaluation needs: a checkpoint's parameters, sharded batches, output files.
+
+* :func:`restore_for_eval`: the EMA parameters of the latest checkpoint (DDPM
+  App. B reports every sample and metric with the EMA, decay 0.9999);
+* :func:`put` / :func:`batch_sharding` / :func:`to_host`: host batches to
+  batch-sharded device arrays over ``train.make_mesh()`` and back;
+* :func:`write_json`, :func:`save_npz`, :func:`write_bytes`, :func:`load_npz`:
+  files under the workdir, written by process 0 only and through
+  ``etils.epath`` (so ``gs://`` workdirs work), atomically (temporary file,
+  then rename).
+
+Conventions (DESIGN.md): images in [-1, 1], NHWC; only process 0 writes
+files; every process takes part in the (sharded) computations.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from typing import Any, Callable, Optional
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from diffusion_jax import checkpoint as ckpt
+from diffusion_jax import config_lib
+from diffusion_jax import models
+from diffusion_jax import schedule as schedule_lib
+from diffusion_jax import train
+
+ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]   # (params, x_t, t) -> out
+
+to_host = train.to_host   # gathers a multi-host sharded array (process_allgather)
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def say(msg: str) -> None:
+  """Prints from process 0 only."""
+  if is_main():
+    print(msg, flush=True)
+
+
+def workdir_path(workdir) -> str:
+  """A workdir as a string: absolute for local paths, unchanged for ``gs://...``."""
+  workdir = os.fspath(workdir)
+  return workdir if '://' in workdir else os.path.abspath(workdir)
+
+
+def join(*parts) -> str:
+  return os.fspath(epath.Path(parts[0]).joinpath(*parts[1:]))
+
+
+def apply_fn_for(model) -> ApplyFn:
+  """``(params, x_t, t) -> output`` for a Flax module (eval mode, no dropout)."""
+  return lambda params, x, t: model.apply({'params': params}, x, t, train=False)
+
+
+def batch_sharding(mesh: Optional[Mesh], batch: int):
+  """``NamedSharding(mesh, P('data'))`` when ``batch`` divides over the mesh, else None."""
+  if mesh is None or batch % mesh.size:
+    return None
+  return NamedSharding(mesh, P('data'))
+
+
+def put(x: np.ndarray, sharding):
+  """Host array (identical on every host) -> device array, batch-sharded if ``sharding``."""
+  if sharding is None:
+    return jnp.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def write_bytes(path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` (process 0), via a temporary file and a rename."""
+  if not is_main():
+    return
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def write_json(path, obj: dict) -> None:
+  write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(path) -> dict:
+  return json.loads(epath.Path(path).read_text())
+
+
+def save_npz(path, **arrays) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  write_bytes(path, buf.getvalue())
+
+
+def load_npz(path) -> dict:
+  """All arrays of an ``.npz`` file (local or ``gs://``)."""
+  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
+    return {k: f[k] for k in f.files}
+
+
+def save_figure(fig, path) -> None:
+  """A matplotlib figure as a PNG (process 0)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=100)
+  write_bytes(path, buf.getvalue())
+
+
+def cached(path) -> bool:
+  """Whether a cached file may be reused: it exists and this is a single-process run.
+
+  With several processes every one must take the same (collective) path, and
+  only process 0 writes files, so caches are not reused there.
+  """
+  return jax.process_count() == 1 and epath.Path(path).exists()
+
+
+def restore_for_eval(config, workdir: str):
+  """(model, schedule, mesh, step, params): the latest checkpoint's EMA (or raw) params.
+
+  The checkpoint is restored onto the abstract shape of ``train.setup``'s
+  initial state (``jax.eval_shape`` of ``train.create_train_state``), replicated
+  over ``train.make_mesh()``, so nothing is initialised or compiled for it.
+
+  ``config.sampling.use_ema`` picks the exponential moving average (DDPM App. B
+  reports every sample and metric with the EMA parameters, decay 0.9999).
+  """
+  config_lib.validate_config(config)
+  model = models.create_model(config)
+  schedule = schedule_lib.schedule_from_config(config)
+  mesh = train.make_mesh()
+  abstract = jax.eval_shape(
+      functools.partial(train.create_train_state, config, model, train.create_optimizer(config)),
+      jax.random.PRNGKey(config.seed))
+  replicated = NamedSharding(mesh, P())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        abstract)
+  step, state = ckpt.restore_params(workdir, target)
+  params = state.ema_params if config.sampling.get('use_ema', True) else state.params
+  return model, schedule, mesh, int(step), params
