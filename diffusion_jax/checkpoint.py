@@ -4,25 +4,63 @@ Each checkpoint holds two items: ``state`` (the whole train state: step,
 params, optimiser state, EMA parameters, RNG, and the timestep-sampler history)
 and ``data`` (the input iterator's position, JSON), so that a resumed run sees
 exactly the batches it would have seen. Orbax writes into a temporary folder
-and renames it when complete, so an interrupted save never damages the
-checkpoints already on disk.
+and renames it when complete, so an interrupted save (even ``kill -9``) never
+damages the checkpoints already on disk; leftover temporary folders are removed
+when the next training run starts.
+
+Damaged checkpoints (a truncated or missing file, bad metadata): restoring
+falls back to the next older checkpoint, printing one line per damaged step.
+Training moves a damaged checkpoint aside to ``checkpoints/damaged/<step>``
+(never deletes it); sampling and evaluation leave the folder untouched.
 """
 
-import os
-from typing import Any
+import sys
+from typing import Any, Callable, Optional
 
 from absl import logging
+from etils import epath
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusion_jax import workdir as workdir_lib
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+DAMAGED_DIR = 'damaged'
 
 
-def create_manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+class NoCheckpointError(FileNotFoundError):
+  """The workdir holds no (readable) checkpoint; the message says what to do."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint was written by a different model or optimiser than the config describes."""
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return workdir_lib.as_path(workdir) / 'checkpoints'
+
+
+def _handlers() -> dict:
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
+
+
+def create_manager(workdir, *, max_to_keep: int = 3,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """The manager of ``workdir/checkpoints``; ``read_only`` creates and cleans up nothing."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only,
+                                         cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'data'))
+                               item_names=('state', 'data'), item_handlers=_handlers())
+
+
+def latest_step(workdir) -> Optional[int]:
+  """The newest checkpoint step in ``workdir`` (None if none), creating nothing."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return None
+  with create_manager(workdir, read_only=True) as manager:
+    return manager.latest_step()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any) -> None:
@@ -32,30 +70,153 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any)
       data=ocp.args.JsonSave(data_state if data_state is not None else {})), force=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target_state: Any):
-  """Restores the latest checkpoint onto ``target_state``'s structure and shardings.
+def _shapes(tree) -> list:
+  """Sorted (shape, dtype) of a tree's array leaves: its signature, independent of key names."""
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, 'shape')]
+  return sorted((tuple(x.shape), np.dtype(x.dtype).name) for x in leaves)
+
+
+def _check_matches(manager: ocp.CheckpointManager, step: int, target_state: Any) -> None:
+  """Raises CheckpointMismatchError when step's arrays are not the target's (another config)."""
+  metadata = manager.item_metadata(step)['state']
+  saved, wanted = _shapes(metadata), _shapes(target_state)
+  if saved != wanted:
+    diff = sorted(set(saved) ^ set(wanted))[:2]
+    raise CheckpointMismatchError(
+        f'checkpoint {manager.directory}/{step} holds {len(saved)} arrays, the config gives '
+        f'{len(wanted)} (first differences, (shape, dtype): {diff}): it was written with another '
+        'model/optimiser config. Use the config it was trained with (DIR/config.json) or a new '
+        '--workdir.')
+
+
+def _restore_step(manager, step: int, target_state: Any, check_data: Optional[Callable]):
+  """(state, data_state) of one step; raises on any damage."""
+  _check_matches(manager, step, target_state)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target_state), data=ocp.args.JsonRestore()))
+  state, data_state = restored['state'], restored['data']
+  saved_step = getattr(state, 'step', None)
+  if saved_step is not None and int(saved_step) != step:
+    raise ValueError(f'the folder is named {step} but its state holds step {int(saved_step)}')
+  if check_data is not None:
+    check_data(data_state)
+  return state, data_state
+
+
+def _drop_closed_event_loop_errors() -> None:
+  """Silences the "Event loop is closed" RuntimeErrors of a failed restore (idempotent).
+
+  After a restore fails, tensorstore completes the reads still in flight and
+  their callbacks hit orbax's closed asyncio loop; Python reports each through
+  ``sys.unraisablehook`` (hundreds of traceback lines, the original issue's
+  ending). They are harmless; every other unraisable error is passed on.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, '_drops_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def _reason(error: Exception) -> str:
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return f'{type(error).__name__}: {text[:300]}'
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves ``checkpoints/<step>`` to ``checkpoints/damaged/<step>`` (process 0; all hosts wait).
+
+  Returns where it went, for the report line. A file system that cannot rename
+  folders leaves it in place (the next run reports it again).
+  """
+  directory = epath.Path(manager.directory)
+  target = directory / DAMAGED_DIR / str(step)
+  where = f'moved to {target}'
+  if jax.process_index() == 0:
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():  # damaged twice at the same step: keep both
+        target = target.parent / f'{step}.{len(list(target.parent.iterdir()))}'
+        where = f'moved to {target}'
+      (directory / str(step)).rename(target)
+    except OSError as e:
+      where = f'left in place (moving it failed: {_reason(e)})'
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'checkpoint_moved_aside_{step}')
+  manager.reload()
+  return where
+
+
+def restore_latest(manager: ocp.CheckpointManager, target_state: Any, *,
+                   move_damaged: bool = True, check_data: Optional[Callable] = None,
+                   say: Callable[[str], None] = print):
+  """Restores the newest readable checkpoint onto ``target_state``'s structure and shardings.
+
+  A checkpoint that fails to restore (missing or truncated files, bad metadata,
+  a data position ``check_data`` rejects) is reported in one line (``say``),
+  moved to ``checkpoints/damaged/<step>`` when ``move_damaged``, and the next
+  older one is tried.
 
   Returns:
     (step, state, data_state), or None when the directory holds no checkpoint.
+
+  Raises:
+    NoCheckpointError: there are checkpoints but none is readable.
+    CheckpointMismatchError: the newest checkpoint was written with another model config.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target_state), data=ocp.args.JsonRestore()))
-  logging.info('Restored checkpoint %s/%d', manager.directory, step)
-  return step, restored['state'], restored['data']
+  steps = sorted(manager.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:
+    try:
+      state, data_state = _restore_step(manager, step, target_state, check_data)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any damage: tensorstore, JSON, ...)
+      _drop_closed_event_loop_errors()
+      damaged.append(step)
+      where = f'; {_move_aside(manager, step)}' if move_damaged else ''
+      say(f'warning: checkpoint step {step} is damaged ({_reason(e)}){where}.')
+      continue
+    logging.info('Restored checkpoint %s/%d', manager.directory, step)
+    if damaged:
+      say(f'Falling back to checkpoint step {step} (newer steps {damaged} are damaged).')
+    return step, state, data_state
+  if damaged:
+    aside = (f'; they were moved to {epath.Path(manager.directory) / DAMAGED_DIR} and the next '
+             'run starts from step 0' if move_damaged else '')
+    raise NoCheckpointError(f'no readable checkpoint in {manager.directory}: steps {damaged} '
+                            f'are damaged{aside}.')
+  return None
 
 
-def restore_params(workdir: str, target_state: Any, *, step: int | None = None):
-  """The train state of a checkpoint (latest by default), for sampling and evaluation."""
-  directory = checkpoint_dir(workdir)
-  with ocp.CheckpointManager(directory, item_names=('state', 'data')) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(
-          f'No checkpoint in {directory}: train first with '
-          f'`python -m diffusion_jax.main --workdir {workdir}` (the same --config).')
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target_state)))
-  return step, restored['state']
+def restore_params(workdir, target_state: Any, *, step: int | None = None):
+  """The train state of a checkpoint (newest readable by default), for sampling and evaluation.
+
+  Reads only: creates nothing in ``workdir`` and moves no damaged checkpoint.
+
+  Raises:
+    NoCheckpointError: ``workdir`` holds no (readable) checkpoint.
+  """
+  if not checkpoint_dir(workdir).exists():
+    raise no_checkpoint_error(workdir)
+  with create_manager(workdir, read_only=True) as manager:
+    if step is not None:
+      return step, _restore_step(manager, step, target_state, None)[0]
+    restored = restore_latest(manager, target_state, move_damaged=False)
+  if restored is None:
+    raise no_checkpoint_error(workdir)
+  return restored[0], restored[1]
+
+
+def no_checkpoint_error(workdir) -> NoCheckpointError:
+  """The error for a workdir without checkpoints: where we looked and what to do."""
+  return NoCheckpointError(
+      f'no checkpoint in {checkpoint_dir(workdir)}: train first with '
+      f'`python -m diffusion_jax.main --workdir {workdir}` (the same --config).')

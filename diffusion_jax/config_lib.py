@@ -199,6 +199,23 @@ def digits_config() -> ml_collections.ConfigDict:
   return config
 
 
+def unknown_key_message(config, dotted: str):
+  """None if ``dotted`` (e.g. ``'training.batch_size'``) is a field of ``config``, else why not.
+
+  The message names the key and lists the keys allowed where it went wrong.
+  """
+  node, parts = config, dotted.split('.')
+  for i, part in enumerate(parts):
+    where = '.'.join(parts[:i])
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f'config key {dotted!r}: {where!r} is a value, not a section.'
+    if part not in node:
+      return (f'unknown config key {dotted!r}; {where or "the config"} has: '
+              f'{", ".join(sorted(node.keys()))}.')
+    node = node[part]
+  return None
+
+
 def _allowed(field, value, allowed):
   if value not in allowed:
     raise ValueError(f'{field}={value!r} is not supported; allowed values: '

@@ -19,7 +19,9 @@ Data sets (``config.data.name``):
   config of the smallest resolution >= ``image_size`` (``celeb_a_hq/256`` for
   256), or ``celeb_a_hq/<res>`` when given explicitly.
 - ``image_folder``: every ``.png``/``.jpg``/``.jpeg`` file under
-  ``config.data.data_dir``, recursively, in sorted path order. If
+  ``config.data.data_dir``, recursively, in sorted path order (a file that
+  cannot be decoded is skipped with a warning naming it, see
+  :class:`FolderSource`). If
   ``data_dir/<split>`` is a directory, a split reads only that folder; if the
   folder has none of ``train``/``test``/``validation`` sub-folders, every split
   is the whole folder.
@@ -46,6 +48,7 @@ import inspect
 import os
 from typing import Any, Iterator, Sequence
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -144,6 +147,18 @@ def validate_data_config(config, *, process_count: int | None = None,
         f'number of devices ({num_devices}).')
 
 
+def check_batch_fits(config, num_examples: int, process_count: int) -> None:
+  """Raises ValueError when a host's batch is larger than its shard of the training split."""
+  per_host = num_examples // process_count
+  local_batch = config.training.batch_size // process_count
+  if local_batch > per_host:
+    hosts = f' over {process_count} hosts ({per_host} per host)' if process_count > 1 else ''
+    raise ValueError(
+        f'training.batch_size={config.training.batch_size} is larger than the training split '
+        f'of data.name={config.data.name!r} ({config.data.train_split!r}: {num_examples} '
+        f'images{hosts}); use at most {per_host * process_count}.')
+
+
 # --------------------------------------------------------------------------
 # Image helpers
 # --------------------------------------------------------------------------
@@ -239,19 +254,41 @@ class TfdsSource:
 
 @dataclasses.dataclass
 class FolderSource:
-  """Image files (PNG/JPEG) read lazily, center-cropped and resized."""
+  """Image files (PNG/JPEG) read lazily, center-cropped and resized.
+
+  A file that cannot be decoded (corrupt, truncated, not an image) is skipped
+  with a warning naming it (once per file): its index reads the next readable
+  file instead, so the epoch length and the order of every other image stay
+  the same and runs stay deterministic.
+  """
   paths: Sequence[str]
   image_size: int
   num_channels: int
+  _warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
   def __len__(self) -> int:
     return len(self.paths)
 
-  def uint8(self, index: int) -> np.ndarray:
-    with Image.open(self.paths[index]) as pil:
+  def _read(self, path: str) -> np.ndarray:
+    with Image.open(path) as pil:
       pil = pil.convert('L' if self.num_channels == 1 else 'RGB')
-      image = np.asarray(pil)
-    return _prepare_uint8(image, self.image_size, self.num_channels)
+      return np.asarray(pil)
+
+  def uint8(self, index: int) -> np.ndarray:
+    n = len(self.paths)
+    for offset in range(n):
+      path = self.paths[(index + offset) % n]
+      try:
+        image = self._read(path)
+      except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors
+        if path not in self._warned:
+          self._warned.add(path)
+          logging.warning('Skipping corrupt image file %s (%s: %s); the next readable file '
+                          'is used in its place.', path, type(e).__name__, e)
+        continue
+      return _prepare_uint8(image, self.image_size, self.num_channels)
+    raise DatasetNotFoundError(f"Data set 'image_folder': none of the {n} image files under "
+                               'data.data_dir can be decoded.')
 
   def __getitem__(self, index: int) -> np.ndarray:
     return _to_float(self.uint8(index))
@@ -492,6 +529,7 @@ def create_train_iterator(config, *, process_index: int | None = None,
   local_batch = config.training.batch_size // process_count
 
   source = get_source(config, config.data.train_split)
+  check_batch_fits(config, len(source), process_count)
   start, stop = shard_bounds(len(source), process_index, process_count)
   shuffle_seed, flip_seed = _pipeline_seeds(seed, process_index)
 

@@ -1,8 +1,8 @@
 """Converting model images to 8-bit pixels and saving PNG grids (Pillow)."""
 
 import math
-import os
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -30,14 +30,20 @@ def make_grid(images, *, nrow: int | None = None, padding: int = 1, pad_value: i
   return grid
 
 
-def save_grid(images, path: str, *, nrow: int | None = None, scale: int | None = None) -> str:
-  """Saves images ([-1, 1] floats or uint8, NHWC) as a PNG grid; small images are upscaled."""
+def save_grid(images, path, *, nrow: int | None = None, scale: int | None = None):
+  """Saves images ([-1, 1] floats or uint8, NHWC) as a PNG grid; small images are upscaled.
+
+  ``path`` is a string or ``epath.Path`` (local or ``gs://...``), written through
+  epath; its folder is created if needed. Returns ``path`` as given.
+  """
   grid = make_grid(images, nrow=nrow)
   if scale is None:
     scale = max(1, 512 // max(grid.shape[0], 1))
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with out.open('wb') as f:
+    img.save(f, format='PNG')
   return path

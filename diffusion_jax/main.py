@@ -5,26 +5,92 @@ Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
 ``eval`` (bits/dim, rate-distortion, progressive figures, FID). With no
 ``--config`` the embedded digits configuration is used. Override any key with
 ``--config.section.key=value``.
+
+Bad input (flags, config keys and values, a missing config file or data set,
+an unusable workdir, sample/eval without a checkpoint) ends with one line
+``error: ...`` on stderr and exit code 2, before anything is written into the
+workdir. ``DIR`` is any path ``etils.epath`` accepts (local or ``gs://...``).
 """
 
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from diffusion_jax import config_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_dict('default_config', config_lib.digits_config(),
-                                'The embedded default (digits), used when --config is not given.')
-config_flags.DEFINE_config_file('config', None, 'Path to a configs/<name>.py file.',
-                                lock_config=True)
-flags.DEFINE_string('workdir', 'runs/digits', 'Directory for checkpoints, samples and logs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+MODES = ('train', 'sample', 'eval')
+USAGE_EXIT_CODE = 2
+_OVERRIDE = re.compile(r'^--?(no)?(config|default_config)\.([\w.]+)')
+
+
+def _define_flags() -> None:
+  """Defines the flags once. ml_collections applies config overrides from sys.argv here already."""
+  if 'workdir' in FLAGS:
+    return
+  flags.DEFINE_string('workdir', 'runs/digits',
+                      'Directory (any etils.epath path, e.g. gs://...) for checkpoints, samples '
+                      'and logs.')
+  flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.')
+  config_flags.DEFINE_config_file('config', None, 'Path to a configs/<name>.py file.',
+                                  lock_config=True)
+  config_flags.DEFINE_config_dict('default_config', config_lib.digits_config(),
+                                  'The embedded default (digits), used when --config is not given.')
+
+
+def fail(message, code: int = USAGE_EXIT_CODE):
+  """Prints ``error: <message>`` as one line on stderr and exits with ``code``."""
+  print('error: ' + ' '.join(str(message).split()), file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _config_file_arg(argv) -> str | None:
+  """The value of ``--config`` in ``argv`` (None if absent)."""
+  for i, arg in enumerate(argv):
+    m = re.match(r'^--?config(=(.*))?$', arg)
+    if m:
+      return m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else '')
+  return None
+
+
+def _flag_error_message(error: Exception, argv) -> str:
+  """One line for a flag-parsing failure: the unknown key, missing file, or absl's own message."""
+  config_file = _config_file_arg(argv)
+  if config_file is not None and not os.path.isfile(config_file.split(':')[0]):
+    return (f'config file {config_file!r} (--config) does not exist; pass a file such as '
+            'configs/cifar10.py.')
+  schema = config_lib.base_config() if config_file is not None else config_lib.digits_config()
+  for arg in argv:
+    m = _OVERRIDE.match(arg)
+    if m:
+      message = config_lib.unknown_key_message(schema, m.group(3))
+      if message:
+        return f'{message} (in {arg})'
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def selected_config():
+  """``--config`` if given, else ``--default_config`` (the embedded digits config)."""
+  return FLAGS.config if FLAGS.config is not None else FLAGS.default_config
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every failure as one ``error:`` line and exit code 2."""
+  try:
+    _define_flags()
+    rest = FLAGS(argv)
+    selected_config().get('seed')   # a --config file that failed to load raises here
+  except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:
+    fail(_flag_error_message(e, argv))
+  if len(rest) > 1:
+    fail(f'unexpected arguments {rest[1:]}; flags are --name=value.')
+  return rest
 
 
 def initialize_distributed(config) -> None:
@@ -35,6 +101,7 @@ def initialize_distributed(config) -> None:
   itself; elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port),
   ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every host.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   address = os.environ.get('JAX_COORDINATOR_ADDRESS')
   if not (config.training.distributed or address):
     return
@@ -47,36 +114,66 @@ def initialize_distributed(config) -> None:
   jax.distributed.initialize(**kw)
 
 
+def preflight(config, mode: str, workdir) -> None:
+  """Every check that can fail on bad input, before any work; raises ValueError or OSError.
+
+  Config values, model, data set and batch size first (nothing is written),
+  then the workdir: sample/eval need a checkpoint (nothing is created), train
+  creates the workdir and writes ``config.json`` (WorkdirError if it cannot).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import models  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config_lib.validate_config(config)
+  data_lib.validate_data_config(config, num_devices=jax.device_count())
+  models.create_model(config)
+  if mode == 'train':
+    source = data_lib.get_source(config, config.data.train_split)
+    data_lib.check_batch_fits(config, len(source), jax.process_count())
+  elif mode == 'eval':
+    data_lib.get_source(config, config.data.eval_split)
+  if mode != 'train':
+    if ckpt.latest_step(workdir) is None:
+      raise ckpt.no_checkpoint_error(workdir)
+  elif jax.process_index() == 0:
+    workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def run(config, mode: str, workdir) -> None:
+  """Runs ``mode`` after :func:`preflight`; bad input and known failures end in one line."""
+  from diffusion_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  try:
+    preflight(config, mode, workdir)
+  except (ValueError, OSError) as e:   # DatasetNotFoundError, WorkdirError, NoCheckpointError
+    fail(e)
+  try:
+    if mode == 'train':
+      from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(config, workdir)
+    else:
+      from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+      (evaluate.sample if mode == 'sample' else evaluate.evaluate)(config, workdir)
+  except (ckpt.NoCheckpointError, ckpt.CheckpointMismatchError) as e:
+    fail(e)
+  except FloatingPointError as e:   # the non-finite guard stopped training
+    fail(e, code=1)
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # checked by parse_flags
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  config = FLAGS.config if FLAGS.config is not None else FLAGS.default_config
+  config = selected_config()
   initialize_distributed(config)
-  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
-  from diffusion_jax import data as data_lib
-  from diffusion_jax import models
-  try:  # a bad config or a missing data set: one clear line, no traceback
-    config_lib.validate_config(config)
-    data_lib.validate_data_config(config, num_devices=jax.device_count())
-    models.create_model(config)
-    if FLAGS.mode != 'sample':
-      data_lib.get_source(config, config.data.train_split if FLAGS.mode == 'train'
-                          else config.data.eval_split)
-  except (ValueError, data_lib.DatasetNotFoundError) as e:
-    sys.exit(f'error: {e}')
-  if FLAGS.mode == 'train':
-    from diffusion_jax import train
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == 'sample':
-    from diffusion_jax import evaluate
-    evaluate.sample(config, FLAGS.workdir)
-  else:
-    from diffusion_jax import evaluate
-    evaluate.evaluate(config, FLAGS.workdir)
+  run(config, FLAGS.mode, FLAGS.workdir)
+
+
+def entry():
+  """``python -m diffusion_jax.main``."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  entry()

@@ -305,3 +305,47 @@ def test_bad_config_rejected_by_iterator():
   config = _digits_config(name='mnist_typo')
   with pytest.raises(ValueError, match=r'data\.name'):
     data.create_train_iterator(config, process_index=0, process_count=1)
+
+
+def test_corrupt_image_files_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+  root = tmp_path / 'images'
+  good = [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(3)]
+  for i, image in enumerate(good):
+    _save(str(root / f'{i}_good.png'), image)
+  (root / '0_garbage.png').write_bytes(b'not a png at all')
+  _save(str(root / '1_truncated.jpg'), np.full((64, 64, 3), 7, np.uint8))
+  whole = (root / '1_truncated.jpg').read_bytes()
+  (root / '1_truncated.jpg').write_bytes(whole[:len(whole) // 2])
+  config = _tfds_config('image_folder', 8, 3, tmp_path, batch_size=2)
+  config.data.data_dir = str(root)
+  with caplog.at_level('WARNING'):
+    x = data.load_uint8(config, 'train')
+  # Sorted: 0_garbage, 0_good, 1_good, 1_truncated, 2_good; bad files read the next readable one.
+  assert x.shape == (5, 8, 8, 3)
+  np.testing.assert_array_equal(x[[0, 1, 2, 3, 4]],
+                                np.stack([good[0], good[0], good[1], good[2], good[2]]))
+  warned = [r.getMessage() for r in caplog.records if 'corrupt image file' in r.getMessage()]
+  assert len(warned) == 2   # once per file
+  assert any(str(root / '0_garbage.png') in m for m in warned)
+  assert any(str(root / '1_truncated.jpg') in m for m in warned)
+
+
+def test_no_decodable_image_is_an_error(tmp_path):
+  root = tmp_path / 'images'
+  root.mkdir()
+  (root / 'a.png').write_bytes(b'garbage')
+  config = _tfds_config('image_folder', 8, 3, tmp_path, batch_size=1)
+  config.data.data_dir = str(root)
+  with pytest.raises(data.DatasetNotFoundError, match='none of the 1 image files'):
+    data.load_split(config, 'train')
+
+
+def test_batch_larger_than_the_split_names_the_field():
+  config = config_lib.digits_config()
+  config.training.batch_size = 100_000
+  with pytest.raises(ValueError, match=r'training.batch_size=100000 is larger than the training '
+                                       r"split of data.name='digits' \('train': 1500 images\)"):
+    data.create_train_iterator(config, process_index=0, process_count=1)
+  config.training.batch_size = 1600   # 800 per host, more than its 750 images
+  with pytest.raises(ValueError, match='over 2 hosts'):
+    data.create_train_iterator(config, process_index=0, process_count=2)

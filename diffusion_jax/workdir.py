@@ -1,0 +1,60 @@
+"""The workdir: any path ``etils.epath`` accepts (a local folder, ``gs://bucket/run``, ...).
+
+Everything written into a workdir goes through ``epath`` (orbax's own path
+library), never through ``open``, ``os.path`` or ``os.makedirs``, so that a
+remote workdir works exactly like a local one. Layout::
+
+  DIR/config.json      the resolved config (written before training starts)
+  DIR/checkpoints/     orbax, one folder per step; damaged ones in checkpoints/damaged/<step>
+  DIR/tensorboard/     event files
+  DIR/samples/         PNG grids and .npz files
+  DIR/eval/            evaluation outputs
+"""
+
+from etils import epath
+
+CONFIG_FILE = 'config.json'
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be used (not writable, not a folder, ...); the message says why."""
+
+
+def as_path(workdir) -> epath.Path:
+  """``workdir`` as an ``epath.Path``: local paths absolute (``~`` expanded), URIs as given."""
+  path = epath.Path(workdir)
+  if '://' in str(workdir):   # gs://, s3://, ...: already absolute, nothing local to expand
+    return path
+  return path.expanduser().absolute()
+
+
+def write_text(path: epath.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` via a temporary file and a rename (all-or-nothing where supported)."""
+  tmp = path.parent / f'.{path.name}.tmp'
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def prepare(workdir, config_json: str) -> epath.Path:
+  """Creates the workdir if needed and writes ``config.json``; raises WorkdirError if it cannot.
+
+  Returns:
+    The workdir as an absolute ``epath.Path``.
+  """
+  path = as_path(workdir)
+  try:
+    if path.exists() and not path.is_dir():
+      raise WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
+    path.mkdir(parents=True, exist_ok=True)
+    write_text(path / CONFIG_FILE, config_json)
+  except WorkdirError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
+    raise WorkdirError(f'cannot write to --workdir {path} ({type(e).__name__}: '
+                       f'{_first_line(e)}); pass a writable folder (local or gs://...).') from e
+  return path
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0]
