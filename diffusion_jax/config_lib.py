@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 50_000
   training.num_sample_images = 64    # images in the periodic PNG grid
   training.distributed = False   # call jax.distributed.initialize() (multi-host)
+  training.cpu_devices = 0       # CPU only: JAX devices the cores are split into (0: one per core dividing the batch; -1: leave JAX's default)
 
   # --- sampling -------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()

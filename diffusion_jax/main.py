@@ -166,6 +166,8 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   config = selected_config()
+  from diffusion_jax import host  # pylint: disable=g-import-not-at-top
+  host.configure_cpu_devices(config)   # before JAX starts its backends
   initialize_distributed(config)
   run(config, FLAGS.mode, FLAGS.workdir)
 

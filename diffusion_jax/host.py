@@ -1,0 +1,76 @@
+"""The host CPU as JAX devices: one CPU device per core for data parallelism.
+
+XLA:CPU parallelises each operation over its thread pool, but the operations of
+a small U-Net are too small to split well: a digits train step keeps two cores
+busy only ~1.5x of the time. Presenting the cores as separate JAX devices
+lets the jitted step shard the batch over them (the same ``data`` mesh axis as
+on a TPU pod), so each core runs its half of every operation. The result does
+not depend on the device count: t, the noise and dropout are drawn for the
+global batch (``train.train_step``). Measured by ``benchmarks/bench_peer.py``.
+
+Only the CPU backend is affected (``jax_num_cpu_devices``); on GPU and TPU
+hosts the accelerators are the devices either way. It has to be set before
+JAX initialises its backends, so the entry points call
+:func:`configure_cpu_devices` first.
+"""
+
+import os
+
+from absl import logging
+
+# Set by the user: then the CPU device count is theirs (e.g. the multi-host
+# rehearsal in launch/local_multihost.sh, or tests with 8 fake devices).
+_USER_SETTINGS = ('xla_force_host_platform_device_count',)
+
+
+def available_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:   # not on Linux
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(batch_size: int, requested: int = 0, cores: int | None = None) -> int:
+  """How many CPU devices to use for a global batch.
+
+  Args:
+    batch_size: the global batch; it must split evenly over the devices.
+    requested: ``training.cpu_devices``; > 0 is used as given, 0 means one
+      device per core, reduced to the largest count that divides the batch.
+    cores: available cores (default: :func:`available_cores`).
+  """
+  if requested > 0:
+    return requested
+  cores = cores or available_cores()
+  return max(d for d in range(1, max(cores, 1) + 1) if batch_size % d == 0)
+
+
+def user_set_cpu_devices() -> bool:
+  """Whether XLA_FLAGS or JAX_NUM_CPU_DEVICES already fix the CPU device count."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  return (any(s in flags for s in _USER_SETTINGS)
+          or bool(os.environ.get('JAX_NUM_CPU_DEVICES')))
+
+
+def configure_cpu_devices(config) -> int | None:
+  """Sets ``jax_num_cpu_devices`` from ``training.cpu_devices`` before JAX starts.
+
+  Does nothing (returns None) when the user set the count through the
+  environment, for multi-host runs (their hosts' batches are set by the
+  launcher), when ``training.cpu_devices < 0``, or when JAX's backends are
+  already initialised. Returns the count it set otherwise.
+  """
+  tr = config.training
+  requested = int(tr.get('cpu_devices', 0))
+  if (requested < 0 or user_set_cpu_devices() or tr.get('distributed', False)
+      or os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  count = cpu_device_count(int(tr.batch_size), requested)
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError as e:   # backends already initialised: keep what they have
+    logging.info('CPU device count left as is: %s', e)
+    return None
+  return count
