@@ -11,6 +11,7 @@ hosts (the host index enters only through the input pipeline's shard).
 """
 
 import functools
+import io
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,7 @@ from diffusion_jax import models
 from diffusion_jax import sampling
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import timestep_sampler
+from diffusion_jax import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -208,7 +211,7 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def save_sample_grid(sample_fn, params, rng, path: str) -> Optional[str]:
+def save_sample_grid(sample_fn, params, rng, path) -> Optional[str]:
   """Samples with ``sample_fn`` and writes the PNG grid (from process 0 only)."""
   images = to_host(sample_fn(params, rng))
   if jax.process_index() != 0:
@@ -220,14 +223,27 @@ def save_sample_grid(sample_fn, params, rng, path: str) -> Optional[str]:
 
 
 class _Preemption:
-  """Turns SIGTERM / SIGINT into a flag the loop checks (save, then exit cleanly)."""
+  """SIGTERM / SIGINT -> save a checkpoint, then exit cleanly.
 
-  def __init__(self):
+  One process: a handler sets a flag that the loop checks after every call.
+  Several processes: JAX's preemption service (``jax.distributed.initialize``
+  starts it; it catches SIGTERM itself) picks a step that every host reaches,
+  and ``CheckpointManager.reached_preemption`` (JAX's
+  ``reached_preemption_sync_point``) is true on all hosts at that same call, so
+  they save the same step together. Installing a Python SIGTERM handler there
+  would replace JAX's, so only SIGINT (Ctrl-C) is handled, by re-sending it as
+  SIGTERM to this process.
+  """
+
+  def __init__(self, manager, *, multi_host: bool):
     self.signal = None
+    self._manager = manager
+    self._multi_host = multi_host
     self._old = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    sigs = (signal.SIGINT,) if self._multi_host else (signal.SIGTERM, signal.SIGINT)
+    for sig in sigs:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave the handlers alone
@@ -239,19 +255,67 @@ class _Preemption:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
     logging.warning('Received %s: saving a checkpoint and stopping.', self.signal)
+    if self._multi_host:
+      os.kill(os.getpid(), signal.SIGTERM)   # to JAX's preemption notifier
+
+  def should_stop(self, call_index: int) -> bool:
+    """Whether to save and stop after call ``call_index`` (0, 1, 2, ... on every host)."""
+    if self._multi_host:
+      return bool(self._manager.reached_preemption(call_index))
+    return self.signal is not None
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
 
-class _MetricWriter:
-  """TensorBoard scalars (tensorboardX) from process 0 only."""
+class _EpathRecordWriter:
+  """A tensorboardX record writer for URI logdirs (gs://, ...): the event file goes through epath.
 
-  def __init__(self, logdir: str):
+  Like tensorboardX's own GCS writer it keeps the file in memory and rewrites
+  it whole on every flush (scalars only: kilobytes to a few megabytes).
+  """
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
+
+  def write(self, data: bytes):
+    self._buffer.write(data)
+
+  def flush(self):
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _EpathWriterFactory:
+  """tensorboardX writer factory (``record_writer.register_writer_factory``) backed by epath."""
+
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path: str):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+class _MetricWriter:
+  """TensorBoard scalars (tensorboardX) from process 0 only.
+
+  Local logdirs use tensorboardX's own files; a URI logdir (``gs://...``)
+  registers :class:`_EpathWriterFactory` for its scheme, so no extra
+  dependency (tensorboardX's GCS writer needs google-cloud-storage) is needed.
+  """
+
+  def __init__(self, logdir):
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
+      from tensorboardX import record_writer
+      logdir = str(logdir)
+      if '://' in logdir:
+        record_writer.register_writer_factory(logdir.split(':')[0], _EpathWriterFactory())
       self._writer = SummaryWriter(logdir)
 
   def write(self, step: int, scalars: dict):
@@ -272,12 +336,6 @@ def _check_finite(history: list, step: int):
         f'Non-finite loss or gradient at step {step - len(history) + bad + 1}; stopping. '
         'The state was not updated by that step and nothing non-finite was saved. '
         'Try a lower optim.lr, a smaller optim.grad_clip, or model.dtype=float32.')
-
-
-def _any_host(flag: bool) -> bool:
-  """True on every host when ``flag`` is true on any (a collective: all hosts must call it)."""
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def _summarise(history: list) -> dict:
@@ -307,40 +365,48 @@ def setup(config):
   return model, schedule, optimizer, mesh, state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _restore(manager, state, train_iter, num_train_steps: int, say):
+  """The newest readable checkpoint (falling back past damaged ones) and the iterator position."""
+
+  def check_data(data_state):
+    if data_state:
+      train_iter.set_state(data_state)
+
+  restored = ckpt.restore_latest(manager, state, check_data=check_data, say=say)
+  if restored is None:
+    return state
+  step, state, _ = restored
+  logging.info('Resuming from %s at step %d.', manager.directory, step)
+  say(f'Resuming from checkpoint {manager.directory}/{step} (step {step} of {num_train_steps}).')
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
   """Trains (resuming from ``workdir`` when it holds a checkpoint); returns the final state.
 
+  ``workdir`` is any path ``etils.epath`` accepts (local or ``gs://...``).
   Writes ``workdir/config.json``, ``workdir/checkpoints/`` (orbax),
   ``workdir/tensorboard/`` (event files) and ``workdir/samples/*.png``.
   """
   tr = config.training
-  workdir = os.path.abspath(workdir)
   model, schedule, optimizer, mesh, state = setup(config)
   is_main = jax.process_index() == 0
+  say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+  workdir = workdir_lib.as_path(workdir)
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
   train_iter = data_lib.create_train_iterator(config)
   manager = ckpt.create_manager(workdir, max_to_keep=tr.keep_checkpoints)
-  restored = ckpt.restore_latest(manager, state)
-  if restored is not None:
-    _, state, data_state = restored
-    if data_state:
-      train_iter.set_state(data_state)
-    logging.info('Resuming from %s at step %d.', manager.directory, int(state.step))
-    if is_main:
-      print(f'Resuming from checkpoint {manager.directory}/{int(state.step)} '
-            f'(step {int(state.step)} of {tr.num_train_steps}).', flush=True)
+  state = _restore(manager, state, train_iter, tr.num_train_steps, say)
   start = int(state.step)
 
   train_fn = make_train_fn(config, model, schedule, optimizer, mesh)
   batch_sharding = NamedSharding(mesh, P(None, 'data'))
   sample_fn = make_sample_fn(config, model, schedule, tr.num_sample_images)
   sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A17)
-  writer = _MetricWriter(os.path.join(workdir, 'tensorboard'))
-  samples_dir = os.path.join(workdir, 'samples')
+  writer = _MetricWriter(workdir / 'tensorboard')
+  samples_dir = workdir / 'samples'
   k = tr.steps_per_call
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters; %d devices on %d hosts; global batch %d.',
@@ -353,8 +419,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t_last, step_last = time.time(), start
   bar = tqdm(total=tr.num_train_steps, initial=start, disable=not is_main, unit='step',
              dynamic_ncols=True)
-  step = start
-  with _Preemption() as preempt:
+  step, calls = start, 0
+  with _Preemption(manager, multi_host=jax.process_count() > 1) as preempt:
     while step < tr.num_train_steps:
       n = min(k, tr.num_train_steps - step)
       batches = next_batches(train_iter, n, batch_sharding)
@@ -365,9 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       pending.append(metrics)
       bar.update(n)
       boundary = lambda every: step % every == 0 or step == tr.num_train_steps
-      stop = preempt.signal is not None
-      if jax.process_count() > 1:  # hosts stop together, agreeing at log boundaries
-        stop = boundary(tr.log_every_steps) and _any_host(stop)
+      stop = preempt.should_stop(calls)
+      calls += 1
       if boundary(tr.log_every_steps) or boundary(tr.checkpoint_every_steps) or stop:
         flushed = _flush_metrics(pending)
         pending = []
@@ -386,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if boundary(tr.checkpoint_every_steps) or stop:
         save(step)
       if boundary(tr.sample_every_steps) and not stop:
-        path = os.path.join(samples_dir, f'samples_{step:08d}.png')
+        path = samples_dir / f'samples_{step:08d}.png'
         save_sample_grid(sample_fn, state.ema_params, sample_rng, path)
         if is_main:
           tqdm.write(f'step {step}: wrote {path}')
@@ -394,9 +459,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         break
   bar.close()
   manager.wait_until_finished()
+  manager.close()
   writer.close()
-  if is_main:
-    print(f'Outputs in {workdir}:\n  checkpoints: {ckpt.checkpoint_dir(workdir)}\n'
-          f'  samples:     {samples_dir}\n  tensorboard: {os.path.join(workdir, "tensorboard")}\n'
-          f'  config:      {os.path.join(workdir, "config.json")}', flush=True)
+  say(f'Outputs in {workdir}:\n  checkpoints: {ckpt.checkpoint_dir(workdir)}\n'
+      f'  samples:     {samples_dir}\n  tensorboard: {workdir / "tensorboard"}\n'
+      f'  config:      {workdir / workdir_lib.CONFIG_FILE}')
   return state

@@ -108,6 +108,19 @@ def test_resume_gives_identical_parameters(tmp_path):
   assert data_state == {'next_index': 4}
 
 
+def test_two_runs_with_the_same_seed_are_bitwise_equal(tmp_path):
+  config = tiny_config(**{'training.num_train_steps': 3, 'training.checkpoint_every_steps': 3,
+                          'training.log_every_steps': 3, 'training.sample_every_steps': 100,
+                          'model.dropout': 0.1})
+  first = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'a')))
+  second = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'b')))
+  for name in ('params', 'ema_params', 'opt_state', 'rng', 'step'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(first, name), getattr(second, name))
+  initial = jax.device_get(train.setup(config)[-1].params)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial),
+                                                      jax.tree.leaves(first.params)))
+
+
 MULTI_DEVICE_SCRIPT = r'''
 import json, sys
 import jax, numpy as np
@@ -248,6 +261,44 @@ def test_two_local_processes_over_jax_distributed(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / 'mh' / 'checkpoints')) == ['2', '4']
   assert os.path.exists(tmp_path / 'mh' / 'samples' / 'samples_00000004.png')
+
+
+def _children(pid: int) -> list:
+  """Process ids of ``pid``'s children (Linux /proc)."""
+  with open(f'/proc/{pid}/task/{pid}/children') as f:
+    return [int(c) for c in f.read().split()]
+
+
+@pytest.mark.slow
+def test_two_local_processes_stop_together_on_sigterm_to_one(tmp_path):
+  """Preemption on several hosts: SIGTERM to one process; both save the same step and exit 0."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  flags = [f'--default_config.{k}={v}'.replace(' ', '') for k, v in TINY.items()] + [
+      '--default_config.training.checkpoint_every_steps=100000',
+      '--default_config.training.log_every_steps=1',
+      '--default_config.training.sample_every_steps=100000']
+  script = os.path.join(root, 'launch', 'local_multihost.sh')
+  workdir = tmp_path / 'mh'
+  proc = subprocess.Popen(['bash', script, str(workdir), *flags,
+                           '--default_config.training.num_train_steps=100000'],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  deadline = time.time() + 600
+  while not glob.glob(str(workdir / 'tensorboard' / 'events.*')) and time.time() < deadline:
+    time.sleep(0.5)
+  time.sleep(3)
+  workers = _children(proc.pid)
+  assert len(workers) == 2, workers
+  os.kill(workers[1], signal.SIGTERM)   # only process 1 is preempted
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints')]
+  assert len(steps) == 1 and 0 < steps[0] < 100000, steps
+  proc = subprocess.run(['bash', script, str(workdir), *flags,
+                         f'--default_config.training.num_train_steps={steps[0] + 1}'],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert f'(step {steps[0]} of {steps[0] + 1})' in proc.stdout
 
 
 @pytest.mark.parametrize('flag,message', [
