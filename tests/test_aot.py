@@ -2,7 +2,8 @@
 
 The fast tests need no libtpu. The slow ones (``pytest -m slow``, after
 ``pip install -e '.[tpu]'``) run the real XLA:TPU compiler on the CPU for the
-digits config, about a minute and a half per compile on 2 cores.
+digits config (one compile, about a minute and a half on 2 cores); the refusal
+path is checked with the compiler's real RESOURCE_EXHAUSTED text.
 """
 
 import json
@@ -102,6 +103,32 @@ def test_missing_libtpu_exits_2_with_one_line():
                    "Install it with: pip install -e '.[tpu]'"]
 
 
+def test_refused_step_reports_does_not_fit_and_exits_1(monkeypatch, tmp_path, capsys):
+  """The compiler's RESOURCE_EXHAUSTED becomes "does not fit", its figures, JSON and exit 1."""
+  from diffusion_jax import config_lib
+
+  class Device:
+    device_kind, process_index, num_cores = 'TPU v5 lite', 0, 1
+
+  class Refused:
+    def compile(self):
+      raise RuntimeError(REFUSAL)
+
+  monkeypatch.setattr(aot, 'topology_devices', lambda name: [Device()] * 4)
+  monkeypatch.setattr(aot, 'lower_train_step', lambda config, devices: Refused())
+  config = config_lib.digits_config()
+  config.training.batch_size = 16384
+  path = tmp_path / 'report.json'
+  assert aot.run(config, 'v5e:2x2', config_name='digits', json_path=str(path)) == 1
+  out = capsys.readouterr().out
+  assert 'does not fit: the TPU compiler refused the step: it needs 32.59 GiB per device, ' \
+         '15.75 GiB available (TPU v5 lite).' in out
+  report = json.loads(path.read_text())
+  assert (report['fits'], report['flops_per_step'], report['global_batch']) == (False, None, 16384)
+  assert report['memory_per_device_bytes'] == round(32.59 * GiB)
+  assert report['hbm_per_device_bytes'] == 16 * GiB and report['per_device_batch'] == 4096
+
+
 @pytest.mark.parametrize('topology', ['v9:2x2', 'tpu'])
 def test_bad_topology_exits_2_with_examples(topology):
   r = _cli('--topology', topology)
@@ -140,20 +167,10 @@ def test_digits_compiles_for_v5e_and_reports(tmp_path):
   assert 0 < report['memory_per_device_bytes'] < report['hbm_per_device_bytes']
   # Parameters, Adam moments and EMA (4 x 1,112,801 float32) are arguments on every device.
   assert report['argument_bytes'] >= 4 * 4 * 1_112_801
+  # XLA:CPU's count of the same step on one device's batch (32 images): 2.780 GFLOP; XLA:TPU
+  # counts 2.478 (-10.9%: its optimised HLO fuses away some elementwise work, a large share of
+  # this tiny net; its 3x3 convolutions are counted identically).
   expected = _independent_flops(config_lib.digits_config(), 32)
   assert report['flops_per_step'] == pytest.approx(expected, rel=0.15)
   assert report['images_per_second_at_40pct'] == pytest.approx(
       128 * 0.4 * 197e12 / report['flops_per_step'])
-
-
-@pytest.mark.slow
-def test_digits_impossible_batch_does_not_fit(tmp_path):
-  pytest.importorskip('libtpu', reason="needs pip install -e '.[tpu]'")
-  path = tmp_path / 'report.json'
-  r = _cli('--topology', 'v5e:1x1', '--default_config.training.batch_size=1048576',
-           '--json', str(path))
-  assert r.returncode == 1, r.stdout + r.stderr
-  assert 'does not fit: the TPU compiler refused the step' in r.stdout
-  report = json.loads(path.read_text())
-  assert report['fits'] is False and report['flops_per_step'] is None
-  assert report['memory_per_device_bytes'] > report['available_hbm_bytes'] > 15 * GiB
