@@ -299,7 +299,7 @@ def format_report(r: dict) -> str:
   head = (f'{r["topology"]}: {r["devices"]} x {r["device_kind"]}, global batch {r["global_batch"]}'
           f' ({r["per_device_batch"]} per device), model.dtype={r["dtype"]}'
           f'{", model.remat=True" if r["remat"] else ""}; compiled in {r["compile_seconds"]:.0f} s'
-          f' ({r["compile_cpu_seconds"]:.0f} s of CPU).')
+          + (f' ({r["compile_cpu_seconds"]:.0f} s of CPU).' if r.get('compile_cpu_seconds') else '.'))
   if r['flops_per_step'] is None:
     need = (f'needs {_gib(r["memory_per_device_bytes"])} per device'
             if r['memory_per_device_bytes'] else 'needs more memory than there is')
@@ -308,7 +308,7 @@ def format_report(r: dict) -> str:
     return '\n'.join([head, f'does not fit: the TPU compiler refused the step: it {need}, {have} '
                       f'({r["device_kind"]}).', f'  compiler: {r["error"]}'])
   lines = [head, 'per device:',
-           f'  FLOPs per step   {r["flops_per_step"] / TFLOP:.3f} TFLOP '
+           f'  FLOPs per step   {r["flops_per_step"] / 1e9:,.1f} GFLOP '
            f'({r["flops_per_step"] / r["per_device_batch"] / 1e9:.2f} GFLOP per image)',
            f'  memory           {_gib(r["memory_per_device_bytes"])} = '
            f'{_gib(r["argument_bytes"])} arguments + {_gib(r["temp_bytes"])} temporaries + '
