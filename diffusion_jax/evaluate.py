@@ -17,7 +17,7 @@ part             module                                  output
 ``figures``      :mod:`diffusion_jax.figures`            ``progressive_generation.png`` (Fig. 6),
                                                          ``shared_latent.png`` (Fig. 7),
                                                          ``interpolation.png`` (Figs. 8-9)
-``fid``          :mod:`diffusion_jax.fid`                FID and Inception Score in ``metrics.json``
+``fid``          :mod:`diffusion_jax.fid`                FID, KID and IS in ``metrics.json``
                                                          (needs ``eval.inception_path``)
 ``classifier``   :mod:`diffusion_jax.classifier_metrics` digits only: distances in a small digit
                                                          classifier's feature space, ``metrics.json``
@@ -172,8 +172,8 @@ _PART_FNS = {
     'bpd': ('test-set bits/dim (calc_bpd_loop)', _part_bpd),
     'rd': ('rate-distortion of progressive lossy decompression (Fig. 5)', _part_rd),
     'figures': ('progressive generation, shared x_t, interpolation (Figs. 6-9)', _part_figures),
-    'fid': ('FID and Inception Score', _part_fid),
-    'classifier': ('digit-classifier Fréchet distance', _part_classifier),
+    'fid': ('FID, KID and Inception Score', _part_fid),
+    'classifier': ('digit-classifier Fréchet distance and KID', _part_classifier),
 }
 
 

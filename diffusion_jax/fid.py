@@ -18,7 +18,10 @@ import numpy as np
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import eval_runtime as rt
+from diffusion_jax import kernel_distance
 from diffusion_jax import metrics
+
+KID_REFERENCE_SIZE = 10_000   # reference features kept for KID
 
 
 def fid_reference_stats(config, workdir: str, inception_fn, batch_size: Optional[int] = None
@@ -46,8 +49,29 @@ def fid_reference_stats(config, workdir: str, inception_fn, batch_size: Optional
   feats, _ = inception_features(inception_fn, images,
                                 int(batch_size or min(ev.batch_size, len(images))))
   mu, sigma = metrics.feature_statistics(feats)
-  rt.save_npz(path, mu=mu, sigma=sigma)
+  # A subset of the features themselves, for KID (float32, <= 80 MB at 2048-d).
+  rt.save_npz(path, mu=mu, sigma=sigma, features=feats[:KID_REFERENCE_SIZE].astype(np.float32))
   return mu, sigma, path
+
+
+def reference_features(path: str) -> Optional[np.ndarray]:
+  """The reference features cached beside the statistics, or None (e.g. ``eval.fid_stats_path``)."""
+  if not str(path).endswith('.npz') or not epath.Path(path).exists():
+    return None
+  return rt.load_npz(path).get('features')
+
+
+def real_baseline(config, inception_fn, num: int, batch_size: int, mu_ref, sigma_ref,
+                  ref_feats) -> dict:
+  """FID (and KID) of ``num`` held-out real images (``data.eval_split``) against the reference:
+  what a perfect model's ``num`` samples would score, sample-size bias included."""
+  images = data_lib.load_uint8(config, config.data.eval_split, num=num)
+  feats, _ = inception_features(inception_fn, images, batch_size)
+  out = dict(num_images=int(len(images)), split=config.data.eval_split,
+             fid=metrics.frechet_distance(*metrics.feature_statistics(feats), mu_ref, sigma_ref))
+  if ref_feats is not None:
+    out['kid'], out['kid_std'] = kernel_distance.kernel_inception_distance(feats, ref_feats)
+  return out
 
 
 def inception_features(inception_fn, images: np.ndarray, batch_size: int):
@@ -70,7 +94,13 @@ def inception_features(inception_fn, images: np.ndarray, batch_size: int):
 
 
 def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
-  """FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016) of each sample set.
+  """FID (Heusel et al. 2017), KID and Inception Score (Salimans et al. 2016) of each sample set.
+
+  Each set's FID is reported beside ``real_baseline``: the FID (and KID) of
+  as many held-out real images (``data.eval_split``, as many as it has) against
+  the same reference, the floor at that count. KID needs the reference
+  features, cached when the statistics are computed here (not with
+  ``eval.fid_stats_path``).
 
   ``sample_sets`` maps a label to uint8 images ``[N, H, W, C]``. When
   ``eval.inception_path`` is None nothing is computed: a message saying which
@@ -93,13 +123,25 @@ def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
   # One batch shape for references and samples (small sample sets: their size).
   bs = int(min(ev.batch_size, max([len(x) for x in sample_sets.values()] or [ev.batch_size])))
   mu_ref, sigma_ref, ref = fid_reference_stats(config, workdir, fn, bs)
+  ref_feats = reference_features(ref)
   out = {'reference': ref, 'inception_path': str(ev.inception_path)}
+  baselines = {}   # real-versus-real at each sample count
   for label, images in sample_sets.items():
     feats, logits = inception_features(fn, images, bs)
     mu, sigma = metrics.feature_statistics(feats)
     is_mean, is_std = metrics.inception_score(logits, num_splits=min(10, len(images)))
-    out[label] = dict(num_samples=int(len(images)),
-                      fid=metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
-                      inception_score=is_mean, inception_score_std=is_std)
-    rt.say(f'  {label}: FID {out[label]["fid"]:.3f}, IS {is_mean:.3f} ± {is_std:.3f}')
+    res = dict(num_samples=int(len(images)),
+               fid=metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
+               inception_score=is_mean, inception_score_std=is_std)
+    if ref_feats is not None:
+      res['kid'], res['kid_std'] = kernel_distance.kernel_inception_distance(feats, ref_feats)
+    if len(images) not in baselines:
+      baselines[len(images)] = real_baseline(config, fn, len(images), bs, mu_ref, sigma_ref,
+                                             ref_feats)
+    res['real_baseline'] = baselines[len(images)]
+    out[label] = res
+    kid = f', KID {res["kid"]:.4f}' if 'kid' in res else ''
+    rt.say(f'  {label}: FID {res["fid"]:.3f}{kid}, IS {is_mean:.3f} ± {is_std:.3f} '
+           f'(real {config.data.eval_split} images at {res["real_baseline"]["num_images"]}: '
+           f'FID {res["real_baseline"]["fid"]:.3f})')
   return out

@@ -171,6 +171,12 @@ def test_metrics_json_classifier_and_fid_message(workdir, eval_run):
   for label in ('ancestral', 'ddim10'):
     assert cls[label]['num_samples'] == 32
     assert math.isfinite(cls[label]['frechet_distance']) and cls[label]['frechet_distance'] >= 0
+    # Beside the real test digits at the same count (32 < 297 test digits), and KID.
+    assert cls[label]['num_compared'] == 32
+    for key in ('frechet_at_n', 'frechet_real_at_n', 'kid', 'kid_real'):
+      assert math.isfinite(cls[label][key]), key
+    np.testing.assert_allclose(cls[label]['frechet_at_n'], cls[label]['frechet_distance'])
+    assert cls[label]['kid_real'] == cls['kid_test_vs_train']
     assert sum(cls[label]['class_histogram']) == 32
     with np.load(os.path.join(workdir, 'eval', f'samples_{label}_step4.npz')) as f:
       assert f['images'].dtype == np.uint8 and f['images'].shape == (32, 8, 8, 1)

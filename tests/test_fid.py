@@ -45,10 +45,15 @@ def test_fid_and_inception_score_with_random_weights(tmp_path, inception_path):
   with np.load(out['reference']) as f:
     assert f['mu'].shape == (2048,) and f['sigma'].shape == (2048, 2048)
     scale = float(np.trace(f['sigma']))
+    assert f['features'].shape == (12, 2048)   # kept for KID
   assert scale > 0
   res = out['train']
   assert res['num_samples'] == 12
   assert math.isfinite(res['fid']) and abs(res['fid']) < 1e-3 * scale   # the reference itself
   assert math.isfinite(res['inception_score']) and res['inception_score'] >= 1.0 - 1e-6
+  assert math.isfinite(res['kid'])
+  base = res['real_baseline']   # 12 held-out test digits against the same reference
+  assert base['num_images'] == 12 and base['split'] == 'test'
+  assert math.isfinite(base['fid']) and base['fid'] > res['fid'] and math.isfinite(base['kid'])
   mu, _, path = fid.fid_reference_stats(config, workdir, None)   # cached: no network
   assert path == out['reference'] and mu.shape == (2048,)

@@ -1,0 +1,52 @@
+"""Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs").
+
+KID is the squared maximum mean discrepancy between two sets of features
+under the cubic polynomial kernel ``k(x, y) = (x . y / d + 1)^3``, estimated
+without bias (the U-statistic: diagonal terms excluded). Unlike the Fréchet
+distance, whose plug-in estimate is biased upwards by O(1/N) (large for a few
+hundred points in 128 or 2048 dimensions), KID is ~0 for two samples of one
+distribution at any N, so it compares sets of different sizes fairly. As in
+the paper's code, it is averaged over random subsets of ``subset_size``
+points (std over subsets reported beside it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """``(x y^T / d + 1)^3`` for ``[N, d]`` and ``[M, d]`` features (float64)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+  """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) with :func:`polynomial_kernel`."""
+  m, n = len(x), len(y)
+  if m < 2 or n < 2:
+    raise ValueError(f'KID needs at least 2 points per set, got {m} and {n}.')
+  kxx, kyy = polynomial_kernel(x, x), polynomial_kernel(y, y)
+  return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+               + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+               - 2.0 * polynomial_kernel(x, y).mean())
+
+
+def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, *,
+                              subset_size: int = 1000, num_subsets: int = 100,
+                              seed: int = 0) -> tuple[float, float]:
+  """(mean, std) of :func:`mmd2_unbiased` over random subsets of both sets.
+
+  Subsets have ``min(subset_size, N1, N2)`` points, drawn without replacement
+  (Bińkowski et al.'s defaults: 100 subsets of 1000). When both sets are no
+  larger than that, the full sets are used once (std 0).
+  """
+  f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+  m = min(subset_size, len(f1), len(f2))
+  if m == len(f1) == len(f2):
+    return mmd2_unbiased(f1, f2), 0.0
+  rng = np.random.default_rng(seed)
+  values = [mmd2_unbiased(f1[rng.choice(len(f1), m, replace=False)],
+                          f2[rng.choice(len(f2), m, replace=False)])
+            for _ in range(num_subsets)]
+  return float(np.mean(values)), float(np.std(values))
