@@ -147,7 +147,7 @@ def _kill_at(proc, workdir, *, in_save: bool, rng: random.Random):
   Returns:
     (killed, whether a checkpoint was being written at that instant).
   """
-  deadline = time.time() + 600
+  deadline = time.time() + 1200
   ready = (lambda: _saving(workdir)) if in_save else (lambda: _training(workdir))
   while not ready() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.001)
@@ -170,7 +170,7 @@ def _all_checkpoints(workdir) -> dict:
 def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
   cache = tmp_path / 'jax_cache'
   reference = _start(tmp_path / 'ref', cache)
-  out, _ = reference.communicate(timeout=900)
+  out, _ = reference.communicate(timeout=1800)
   assert reference.returncode == 0, out
   workdir = tmp_path / 'killed'
   rng = random.Random(11)
@@ -186,7 +186,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pat
     outputs.append(f'--- killed run {attempt}')
     _all_checkpoints(workdir)   # every checkpoint left on disk is readable
   final = _start(workdir, cache)
-  out, _ = final.communicate(timeout=900)
+  out, _ = final.communicate(timeout=1800)
   assert final.returncode == 0, out
   assert killed >= 4 and in_save >= 1, (killed, in_save)
   assert 'damaged' not in out + ''.join(outputs)

@@ -287,6 +287,7 @@ def test_two_local_processes_stop_together_on_sigterm_to_one(tmp_path):
   while not glob.glob(str(workdir / 'tensorboard' / 'events.*')) and time.time() < deadline:
     time.sleep(0.5)
   time.sleep(3)
+  assert proc.poll() is None, proc.communicate()[0][-3000:]
   workers = _children(proc.pid)
   assert len(workers) == 2, workers
   os.kill(workers[1], signal.SIGTERM)   # only process 1 is preempted
