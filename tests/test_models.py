@@ -283,3 +283,156 @@ def test_unreachable_attention_resolution_warns():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     models.create_model(_tiny_config(attn_resolutions=(4, 8)))
+
+
+# --- implementations: conv forms, sub-pixel upsampling, remat, attention ------
+
+def _numpy_conv_same(x, kernel, stride):
+  """Independent 'SAME' (TF) 2-D convolution in float64 NumPy, NHWC x HWIO."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  b, h, w, _ = x.shape
+  kh, kw, _, out = kernel.shape
+  ho, wo = -(-h // stride), -(-w // stride)
+  pad_h = max((ho - 1) * stride + kh - h, 0)
+  pad_w = max((wo - 1) * stride + kw - w, 0)
+  xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                  (0, 0)))
+  y = np.zeros((b, ho, wo, out))
+  for i in range(ho):
+    for j in range(wo):
+      patch = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+      y[:, i, j] = np.einsum('bhwc,hwco->bo', patch, kernel)
+  return y
+
+
+@pytest.mark.parametrize('size,stride', [(1, 1), (2, 1), (4, 2), (8, 1), (6, 1)])
+@pytest.mark.parametrize('impl', models.layers.CONV_IMPLS)
+def test_conv_implementations_equal_numpy(size, stride, impl):
+  """xla, matmul (Toeplitz and im2col) and auto give the same 'SAME' convolution."""
+  rng = np.random.default_rng(size * 10 + stride)
+  x = rng.standard_normal((3, size, size, 5)).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)
+  want = _numpy_conv_same(x, kernel, stride)
+  got = jax.jit(lambda a, k: models.layers.conv2d(a, k, stride, impl))(x, kernel)
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [1, 2, 8])
+@pytest.mark.parametrize('impl', models.layers.CONV_IMPLS)
+def test_upsample_conv_subpixel_equals_upsample_then_conv(size, impl):
+  rng = np.random.default_rng(size)
+  x = rng.standard_normal((2, size, size, 4)).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+  upsampled = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)    # nearest neighbour
+  want = _numpy_conv_same(upsampled, kernel, 1)
+  got = jax.jit(lambda a, k: models.layers.upsample_conv2d(a, k, impl))(x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_taps_counts_the_padded_window():
+  taps = models.layers.conv_taps((2, 2), (3, 3), 1)
+  # On a 2x2 image every output pixel reads all four input pixels, one tap each.
+  np.testing.assert_array_equal(taps.sum(axis=2), np.ones((4, 4)))
+  # Stride 2 on 4x4 ('SAME' pads (0, 1)): output (0, 0) reads rows and columns 0-2,
+  # output (1, 1) rows and columns 2-3 (the rest is the padding after the image).
+  taps = models.layers.conv_taps((4, 4), (3, 3), 2)
+  assert taps.shape == (4, 16, 9)
+  np.testing.assert_array_equal(np.nonzero(taps[0].sum(axis=1))[0], [0, 1, 2, 4, 5, 6, 8, 9, 10])
+  np.testing.assert_array_equal(np.nonzero(taps[3].sum(axis=1))[0], [10, 11, 14, 15])
+
+
+def _loss_and_grads(model, params, x, t):
+  def loss(p):
+    return jnp.mean(model.apply({'params': p}, x, t, train=False) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_implementation_choices_give_equal_outputs_and_gradients(tiny):
+  """Every speed/memory option computes the same function and gradients (float32)."""
+  model, _, variables, x, t = tiny
+  params = variables['params']
+  base_loss, base_grads = _loss_and_grads(model, params, x, t)
+  for override in (dict(conv_impl='xla'), dict(conv_impl='matmul', remat=True),
+                   dict(attention_impl='xla')):
+    other = models.create_model(_tiny_config(**override))
+    assert all(getattr(other, k) == v for k, v in override.items())
+    loss, grads = _loss_and_grads(other, params, x, t)
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-5, err_msg=str(override))
+    for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(base_grads)):
+      np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6, err_msg=str(override))
+
+
+def test_remat_recomputes_in_the_backward_pass(tiny):
+  model, _, variables, x, t = tiny
+  remat = models.create_model(_tiny_config(remat=True))
+  def jaxpr(m):
+    fn = jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x, t, train=False)))
+    return str(jax.make_jaxpr(fn)(variables['params']))
+  assert 'remat' in jaxpr(remat) or 'checkpoint' in jaxpr(remat)
+  assert 'remat' not in jaxpr(model) and 'checkpoint' not in jaxpr(model)
+
+
+def test_attention_block_equals_written_out_softmax():
+  """AttnBlock (jax.nn.dot_product_attention) = softmax(q k^T / sqrt(C)) v by hand."""
+  block = models.AttnBlock(num_groups=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  variables = block.init(jax.random.PRNGKey(1), x)
+  params = _perturb(variables['params'], scale=0.3)
+  got = block.apply({'params': params}, x)
+  h = models.layers.nn.GroupNorm(num_groups=4, epsilon=1e-6).apply(
+      {'params': params['norm']}, x).reshape(2, 16, 8)
+  q, k, v = (h @ params[n]['kernel'] + params[n]['bias'] for n in ('q', 'k', 'v'))
+  att = models.layers.attention_reference(q, k, v).reshape(2, 4, 4, 8)
+  want = x + att @ params['proj_out']['kernel'] + params['proj_out']['bias']
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_implementation_choice():
+  impl = models.layers.attention_implementation
+  assert impl('xla', jnp.bfloat16, 64) == 'xla'
+  assert impl('cudnn', jnp.float32, 64) == 'cudnn'
+  assert impl('auto', jnp.float32, 64) == 'xla'      # cuDNN needs 16-bit inputs
+  assert impl('auto', jnp.bfloat16, 256) == 'xla'    # head too large for cuDNN
+  assert impl('auto', jnp.bfloat16, 64) == ('cudnn' if jax.default_backend() == 'gpu'
+                                            else 'xla')
+  with pytest.raises(ValueError, match=r'model\.attention_impl.*auto.*xla.*cudnn'):
+    impl('flash', jnp.float32, 64)
+  config = _tiny_config(conv_impl='im2col')
+  with pytest.raises(ValueError, match=r"model\.conv_impl='im2col'.*auto.*xla.*matmul"):
+    models.create_model(config)
+
+
+def test_bfloat16_activations_except_norms_and_softmax(tiny):
+  """Under model.dtype=bfloat16 every matmul and convolution takes bfloat16 operands;
+  the GroupNorm statistics and the softmax are float32."""
+  _, _, variables, x, t = tiny
+  model16 = models.create_model(_tiny_config(dtype='bfloat16', conv_impl='xla'))
+  jaxpr = jax.make_jaxpr(lambda p: model16.apply(p, x, t, train=False))(variables)
+  contractions, softmax_inputs, norm_inputs = [], [], []
+
+  def walk(jxp):
+    for eqn in jxp.eqns:
+      if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
+        contractions.append(tuple(v.aval.dtype for v in eqn.invars))
+      if eqn.primitive.name == 'reduce_max':   # the softmax's max subtraction
+        softmax_inputs.append(eqn.invars[0].aval.dtype)
+      if eqn.primitive.name == 'rsqrt':        # GroupNorm's 1 / sqrt(var + eps)
+        norm_inputs.append(eqn.invars[0].aval.dtype)
+      for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(
+          jax.core, 'jaxprs_in_params') else []:
+        walk(sub)
+      for p in eqn.params.values():
+        if hasattr(p, 'jaxpr') and hasattr(p.jaxpr, 'eqns'):
+          walk(p.jaxpr)
+        elif hasattr(p, 'eqns'):
+          walk(p)
+
+  walk(jaxpr.jaxpr)
+  # The timestep frequencies (sin/cos arguments) are an exact float32 outer product.
+  network = [d for d in contractions if d != (jnp.float32, jnp.float32)]
+  assert len(network) >= 10
+  assert all(d == (jnp.bfloat16, jnp.bfloat16) for d in network), set(contractions)
+  assert len([d for d in contractions if d == (jnp.float32, jnp.float32)]) <= 1
+  assert softmax_inputs and all(d == jnp.float32 for d in softmax_inputs)
+  assert norm_inputs and all(d == jnp.float32 for d in norm_inputs)

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import layers
 from diffusion_jax.models.layers import AttnBlock
 from diffusion_jax.models.layers import Downsample
 from diffusion_jax.models.layers import get_timestep_embedding
@@ -112,6 +113,14 @@ def create_model(config: Any) -> UNet:
   attn_resolutions = tuple(int(r) for r in _get(model, 'attn_resolutions', ()))
   dropout = float(_get(model, 'dropout', 0.0))
   num_groups = int(_get(model, 'num_groups', 32))
+  conv_impl = str(_get(model, 'conv_impl', 'auto'))
+  attention_impl = str(_get(model, 'attention_impl', 'auto'))
+  if conv_impl not in layers.CONV_IMPLS:
+    raise ValueError(f'Unknown model.conv_impl={conv_impl!r}; allowed values: '
+                     f'{layers.CONV_IMPLS}.')
+  if attention_impl not in layers.ATTENTION_IMPLS:
+    raise ValueError(f'Unknown model.attention_impl={attention_impl!r}; allowed values: '
+                     f'{layers.ATTENTION_IMPLS}.')
 
   if ch <= 0:
     raise ValueError(f'model.ch must be positive, got {ch}.')
@@ -152,7 +161,9 @@ def create_model(config: Any) -> UNet:
       ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
       attn_resolutions=attn_resolutions, dropout=dropout,
       resamp_with_conv=bool(_get(model, 'resamp_with_conv', True)),
-      num_groups=num_groups, dtype=DTYPES[dtype_name])
+      num_groups=num_groups, dtype=DTYPES[dtype_name],
+      remat=bool(_get(model, 'remat', False)), conv_impl=conv_impl,
+      attention_impl=attention_impl)
 
 
 def count_params(params: Any) -> int:

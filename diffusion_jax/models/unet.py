@@ -23,6 +23,7 @@ the paper's 35.7M-parameter CIFAR-10 model; with ``ch_mult=(1, 1, 2, 2, 4,
 4)`` it is the 114M-parameter 256x256 model.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -47,7 +48,12 @@ class UNet(nn.Module):
     resamp_with_conv: use convolutions in down/upsampling.
     num_groups: GroupNorm groups.
     dtype: compute dtype of activations; parameters are float32 and the
-      output is cast to float32.
+      output is cast to float32 (GroupNorm and the softmax run in float32).
+    remat: rematerialise each residual block in the backward pass
+      (``jax.checkpoint``): activation memory for about a third more FLOPs.
+    conv_impl: ``layers.CONV_IMPLS`` (how 3x3 convolutions are computed; the
+      same arithmetic and parameters whichever is chosen).
+    attention_impl: ``layers.ATTENTION_IMPLS``.
   """
   ch: int = 128
   out_ch: int = 3
@@ -58,6 +64,9 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  remat: bool = False
+  conv_impl: str = 'auto'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):
@@ -88,16 +97,21 @@ class UNet(nn.Module):
       raise ValueError(f't must have shape [B]=({b},), got {t.shape}.')
 
     dtype = self.dtype
-    block = lambda out_ch, name: layers.ResnetBlock(  # noqa: E731
+    # train (argument 3, after self, x, temb) is a Python bool: static under remat.
+    resnet = (nn.remat(layers.ResnetBlock, static_argnums=(3,)) if self.remat
+              else layers.ResnetBlock)
+    block = lambda out_ch, name: resnet(  # noqa: E731
         out_ch=out_ch, dropout=self.dropout, num_groups=self.num_groups,
-        dtype=dtype, name=name)
+        dtype=dtype, conv_impl=self.conv_impl, name=name)
     attn = lambda name: layers.AttnBlock(  # noqa: E731
-        num_groups=self.num_groups, dtype=dtype, name=name)
+        num_groups=self.num_groups, dtype=dtype, attention_impl=self.attention_impl,
+        name=name)
 
     temb = layers.TimestepEmbedding(self.ch, dtype=dtype, name='temb')(t)
 
     # Downsampling.
-    hs = [layers._conv(self.ch, name='conv_in', dtype=dtype)(x.astype(dtype))]
+    conv = functools.partial(layers._conv, dtype=dtype, impl=self.conv_impl)
+    hs = [conv(self.ch, name='conv_in')(x.astype(dtype))]
     for i_level in range(num_levels):
       for i_block in range(self.num_res_blocks):
         h = block(self.ch * self.ch_mult[i_level],
@@ -107,7 +121,7 @@ class UNet(nn.Module):
         hs.append(h)
       if i_level != num_levels - 1:
         hs.append(layers.Downsample(
-            self.resamp_with_conv, dtype=dtype,
+            self.resamp_with_conv, dtype=dtype, conv_impl=self.conv_impl,
             name=f'down_{i_level}_downsample')(hs[-1]))
 
     # Middle.
@@ -125,13 +139,12 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn(f'up_{i_level}_attn_{i_block}')(h)
       if i_level != 0:
-        h = layers.Upsample(self.resamp_with_conv, dtype=dtype,
+        h = layers.Upsample(self.resamp_with_conv, dtype=dtype, conv_impl=self.conv_impl,
                             name=f'up_{i_level}_upsample')(h)
     assert not hs
 
     # End.
     h = nn.silu(layers._group_norm(h, num_groups=self.num_groups,
                                    name='norm_out'))
-    h = layers._conv(self.out_ch, name='conv_out', dtype=dtype,
-                     init_scale=0.0)(h)
+    h = conv(self.out_ch, name='conv_out', init_scale=0.0)(h)
     return h.astype(jnp.float32)

@@ -1,0 +1,331 @@
+r"""Our train step and samplers against the same U-Net in PyTorch (diffusers), side by side.
+
+    pip install -e '.[bench]'                                   # torch, diffusers
+    python benchmarks/bench_peer.py                             # digits default, CPU
+    python benchmarks/bench_peer.py --config configs/cifar10.py --batch 128   # on a GPU
+
+The peer is diffusers' ``UNet2DModel`` built from the same config in the DDPM
+layout (``interop.diffusers_unet_config``: ``downsample_padding=0``,
+``freq_shift=1``, ``flip_sin_to_cos=False``, ``attention_head_dim=None``,
+``norm_eps=1e-6``, attention at ``attn_resolutions``); the parameter counts are
+asserted equal before anything is timed. Both sides do the same work per train
+step: draw t and the noise, L_simple (eq. 14), backward, global-norm gradient
+clipping, Adam, and the EMA update. Samplers: T-step ancestral (Algorithm 2;
+the peer uses diffusers' ``DDPMScheduler``) and DDIM (eta = 0;
+``DDIMScheduler``) for one batch.
+
+Timing: ours is compiled first (the compile time is reported); then both sides
+warm up, and the timed rounds alternate ours / peer so that both see the same
+machine state. Reported: ms per step and images/s (median over rounds), and the
+ratio ours/peer as a speed-up (>1: we are faster). On a GPU ours runs in
+bfloat16 and the peer under bf16 autocast, with and without ``torch.compile``.
+A table is printed and the figures are written as JSON (``--json``).
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import config_lib
+from diffusion_jax import host
+from diffusion_jax import interop
+from diffusion_jax import models
+from diffusion_jax import sampling
+from diffusion_jax import train
+
+# Peak dense bfloat16 FLOP/s for MFU, by device name (vendor data sheets).
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12}
+
+
+def load_config(path):
+  if path is None:
+    return config_lib.digits_config()
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# --- ours ---------------------------------------------------------------------------
+
+
+class Ours:
+  """The project's jitted train step and samplers for a config."""
+
+  def __init__(self, config):
+    self.config = config
+    self.model, self.schedule, optimizer, mesh, self.state = train.setup(config)
+    self.fn = train.make_train_fn(config, self.model, self.schedule, optimizer, mesh)
+    shape = (1, config.training.batch_size) + train.image_shape(config)
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    self.batch = {'image': jnp.asarray(x)}
+    self.params = models.count_params(self.state.params)
+
+  def compile(self) -> tuple[float, float]:
+    """Seconds to lower + compile the train step, and its FLOPs (XLA cost analysis)."""
+    t0 = time.perf_counter()
+    compiled = self.fn.lower(self.state, self.batch).compile()
+    seconds = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.fn = compiled
+    # The cost of the partitioned program is per device.
+    return seconds, float((cost or {}).get('flops', float('nan'))) * jax.device_count()
+
+  def train_steps(self, n: int) -> None:
+    for _ in range(n):
+      self.state, metrics = self.fn(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def sampler(self, name: str, steps: int, batch: int):
+    """A compiled ``() -> images`` for 'ancestral' or 'ddim'; returns (fn, compile seconds)."""
+    config = self.config.copy_and_resolve_references()
+    config.sampling.sampler = name
+    config.sampling.num_steps = steps
+    config.sampling.eta = 0.0
+    fn = sampling.make_sampler(config, self.schedule, self.model, batch_size=batch)
+    variables, rng = {'params': self.state.ema_params}, jax.random.PRNGKey(1)
+    t0 = time.perf_counter()
+    compiled = fn.lower(variables, rng).compile()
+    seconds = time.perf_counter() - t0
+    return (lambda: jax.block_until_ready(compiled(variables, rng))), seconds
+
+
+# --- the peer -----------------------------------------------------------------------
+
+
+class Peer:
+  """diffusers ``UNet2DModel`` (DDPM layout) trained and sampled the usual PyTorch way."""
+
+  def __init__(self, config, device: str, autocast: bool, compile_model: bool):
+    import diffusers
+    import torch
+    self.torch, self.config, self.device = torch, config, device
+    torch.manual_seed(0)
+    self.model = diffusers.UNet2DModel(**interop.diffusers_unet_config(config)).to(device)
+    self.params = sum(p.numel() for p in self.model.parameters())
+    self.net = torch.compile(self.model) if compile_model else self.model
+    self.autocast = autocast
+    o, d = config.optim, config.diffusion
+    self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
+                                eps=o.eps)
+    self.ema = [p.detach().clone() for p in self.model.parameters()]
+    betas = np.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    self.sqrt_abar = torch.tensor(np.sqrt(abar), dtype=torch.float32, device=device)
+    self.sqrt_1m_abar = torch.tensor(np.sqrt(1 - abar), dtype=torch.float32, device=device)
+    tr = config.training
+    shape = (tr.batch_size, config.data.num_channels, config.data.image_size,
+             config.data.image_size)
+    gen = torch.Generator().manual_seed(0)
+    self.x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(device)
+
+  def _ctx(self):
+    if self.autocast:
+      return self.torch.autocast(device_type=self.device.split(':')[0], dtype=self.torch.bfloat16)
+    return self.torch.autocast(device_type='cpu', enabled=False)
+
+  def _sync(self):
+    if self.device.startswith('cuda'):
+      self.torch.cuda.synchronize()
+
+  def train_steps(self, n: int) -> None:
+    torch, cfg = self.torch, self.config
+    params = list(self.model.parameters())
+    for _ in range(n):
+      t = torch.randint(0, cfg.diffusion.num_timesteps, (self.x0.shape[0],), device=self.device)
+      noise = torch.randn_like(self.x0)
+      x_t = (self.sqrt_abar[t].view(-1, 1, 1, 1) * self.x0
+             + self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * noise)
+      with self._ctx():
+        out = self.net(x_t, t).sample
+      loss = torch.mean((out.float() - noise) ** 2)      # L_simple (eq. 14)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+      self.opt.step()
+      with torch.no_grad():
+        torch._foreach_lerp_(self.ema, [p.detach() for p in params],
+                             1.0 - cfg.optim.ema_decay)
+    self._sync()
+
+  def sampler(self, name: str, steps: int, batch: int):
+    """``() -> images`` with diffusers' DDPMScheduler / DDIMScheduler."""
+    import diffusers
+    torch, cfg = self.torch, self.config
+    d = cfg.diffusion
+    kw = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
+              beta_end=d.beta_end, beta_schedule='linear', clip_sample=d.clip_denoised)
+    if name == 'ancestral':
+      sched = diffusers.DDPMScheduler(variance_type=d.var_type, **kw)
+    else:
+      sched = diffusers.DDIMScheduler(set_alpha_to_one=True, **kw)
+    sched.set_timesteps(steps if name != 'ancestral' else d.num_timesteps)
+    shape = (batch, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
+
+    @torch.no_grad()
+    def run():
+      gen = torch.Generator(device=self.device).manual_seed(1)
+      x = torch.randn(shape, generator=gen, device=self.device)
+      for t in sched.timesteps:
+        with self._ctx():
+          eps = self.net(x, t.to(self.device).expand(batch)).sample.float()
+        x = sched.step(eps, t, x, generator=gen).prev_sample
+      self._sync()
+      return x
+    return run
+
+
+# --- timing -------------------------------------------------------------------------
+
+
+def timed(fn, *args) -> float:
+  t0 = time.perf_counter()
+  fn(*args)
+  return time.perf_counter() - t0
+
+
+def alternate(ours_fn, peer_fn, rounds: int) -> tuple[list, list]:
+  """Runs ours, peer, ours, peer, ... and returns both lists of seconds."""
+  ours, peer = [], []
+  for _ in range(rounds):
+    ours.append(ours_fn())
+    peer.append(peer_fn())
+  return ours, peer
+
+
+def row(task, unit_per_call, images_per_call, ours_s, peer_s, peer_name):
+  o, p = statistics.median(ours_s), statistics.median(peer_s)
+  return dict(task=task, peer=peer_name, ours_ms=o / unit_per_call * 1e3,
+              peer_ms=p / unit_per_call * 1e3, ours_images_per_s=images_per_call / o,
+              peer_images_per_s=images_per_call / p, speedup=p / o, rounds=len(ours_s))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--config', default=None, help='configs/<name>.py (default: digits)')
+  p.add_argument('--batch', type=int, default=None, help='train batch (default: the config\'s)')
+  p.add_argument('--steps', type=int, default=5, help='train steps per timed round')
+  p.add_argument('--rounds', type=int, default=5, help='alternating timed rounds')
+  p.add_argument('--sample_batch', type=int, default=None,
+                 help='images per sampler run (default: 64 on CPU, 256 on GPU)')
+  p.add_argument('--samplers', default='ancestral,ddim100',
+                 help='comma list of ancestral, ddim<N> ("" to skip)')
+  p.add_argument('--sample_rounds', type=int, default=1)
+  p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                 help='ours: model.dtype; peer: bf16 autocast (default: bfloat16 on GPU)')
+  p.add_argument('--torch_compile', default='auto', choices=('auto', 'off', 'both'),
+                 help='also time the peer under torch.compile (auto: on GPU only)')
+  p.add_argument('--conv_impl', default=None, help='override model.conv_impl (auto|xla|matmul)')
+  p.add_argument('--cpu_devices', type=int, default=None,
+                 help='override training.cpu_devices (0: one per core; -1: one device)')
+  p.add_argument('--json', default=None, help='output JSON (default: benchmarks/results/...)')
+  args = p.parse_args()
+
+  import torch
+  config = load_config(args.config)
+  name = os.path.splitext(os.path.basename(args.config or 'digits.py'))[0]
+  if args.batch:
+    config.training.batch_size = args.batch
+  if args.cpu_devices is not None:
+    config.training.cpu_devices = args.cpu_devices
+  host.configure_cpu(config)    # as `python -m diffusion_jax.main` does
+  gpu = jax.default_backend() == 'gpu'
+  device = 'cuda' if gpu and torch.cuda.is_available() else 'cpu'
+  dtype = args.dtype or ('bfloat16' if gpu else 'float32')
+  config.model.dtype = dtype
+  if args.conv_impl:
+    config.model.conv_impl = args.conv_impl
+  config.model.dropout = 0.0    # same work on both sides (diffusers' dropout is not the point)
+  sample_batch = args.sample_batch or (256 if gpu else 64)
+  compile_modes = {'auto': [False, True] if device == 'cuda' else [False],
+                   'off': [False], 'both': [False, True]}[args.torch_compile]
+  jax_device = jax.devices()[0]
+  print(f'jax {jax.__version__} on {jax_device.device_kind} x{jax.device_count()} '
+        f'(conv_impl={config.model.conv_impl}); '
+        f'torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); '
+        f'config {name}, batch {config.training.batch_size}, {dtype}', flush=True)
+
+  ours = Ours(config)
+  peers = {}
+  for compiled in compile_modes:
+    label = 'diffusers' + (' + torch.compile' if compiled else '') + (
+        ' (bf16 autocast)' if dtype == 'bfloat16' else '')
+    peers[label] = Peer(config, device, dtype == 'bfloat16', compiled)
+    if peers[label].params != ours.params:
+      raise SystemExit(f'parameter counts differ: ours {ours.params:,}, {label} '
+                       f'{peers[label].params:,}')
+  print(f'parameters: {ours.params:,} on both sides', flush=True)
+
+  compile_s, flops = ours.compile()
+  print(f'ours: train step compiled in {compile_s:.1f} s ({flops / 1e9:.1f} GFLOP per step)',
+        flush=True)
+  results = []
+  n, b = args.steps, config.training.batch_size
+  for label, peer in peers.items():
+    ours.train_steps(2)
+    peer.train_steps(3)     # warm-up (and torch.compile's compilation)
+    o, q = alternate(lambda: timed(ours.train_steps, n), lambda: timed(peer.train_steps, n),
+                     args.rounds)
+    results.append(row('train step', n, n * b, o, q, label))
+    print(f"train step vs {label}: ours {results[-1]['ours_ms']:.1f} ms, "
+          f"peer {results[-1]['peer_ms']:.1f} ms", flush=True)
+
+  sampler_compile = {}
+  for spec in filter(None, args.samplers.split(',')):
+    kind = 'ancestral' if spec == 'ancestral' else 'ddim'
+    steps = config.diffusion.num_timesteps if kind == 'ancestral' else int(spec[4:])
+    ours_fn, sampler_compile[spec] = ours.sampler(kind, steps, sample_batch)
+    ours_fn()
+    for label, peer in peers.items():
+      peer_fn = peer.sampler(kind, steps, sample_batch)
+      peer.sampler(kind, 2, sample_batch)()   # warm-up
+      o, q = alternate(lambda: timed(ours_fn), lambda: timed(peer_fn), args.sample_rounds)
+      results.append(row(f'{spec} sampling ({steps} steps, batch {sample_batch})', steps,
+                         sample_batch, o, q, label))
+      print(f"{spec}: ours {statistics.median(o):.1f} s, {label} {statistics.median(q):.1f} s",
+            flush=True)
+
+  peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in jax_device.device_kind), None)
+  train_rows = [r for r in results if r['task'] == 'train step']
+  mfu = (flops / (train_rows[0]['ours_ms'] / 1e3) / peak) if peak and train_rows else None
+
+  print(f'\n| task | peer | ours ms/step | peer ms/step | ours images/s | peer images/s | '
+        f'ours/peer |\n|---|---|---|---|---|---|---|')
+  for r in results:
+    print(f"| {r['task']} | {r['peer']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | "
+          f"{r['ours_images_per_s']:.0f} | {r['peer_images_per_s']:.0f} | "
+          f"{r['speedup']:.2f}x |")
+  print(f'\nours: train-step compile {compile_s:.1f} s; sampler compiles: '
+        + ', '.join(f'{k} {v:.1f} s' for k, v in sampler_compile.items())
+        + (f'; MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s' if mfu else ''))
+
+  out = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      config=name, batch=b, dtype=dtype, conv_impl=config.model.conv_impl,
+      jax=jax.__version__, torch=torch.__version__, device=jax_device.device_kind,
+      jax_devices=jax.device_count(), torch_threads=torch.get_num_threads(),
+      platform=jax.default_backend(), host=platform.node(), cpus=os.cpu_count(),
+      params=ours.params, train_compile_s=compile_s, flops_per_step=flops,
+      sampler_compile_s=sampler_compile, mfu=mfu, results=results)
+  path = args.json or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'results',
+      f'peer_{jax.default_backend()}_{name}_b{b}_{dtype}.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(out, f, indent=2)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()
