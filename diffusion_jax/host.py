@@ -75,7 +75,7 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 
 def configure_xla_cpu_flags() -> bool:
-  """Adds ``--xla_cpu_experimental_ynn_fusion_type=invalid`` (YNN fusions off) to XLA_FLAGS.
+  """Adds ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNN fusion types: off) to XLA_FLAGS.
 
   Only for the jaxlib versions in ``_YNN_OFF_VERSIONS`` and when the user has
   not set the flag. Returns whether it was added.
@@ -83,7 +83,7 @@ def configure_xla_cpu_flags() -> bool:
   flags = os.environ.get('XLA_FLAGS', '')
   if _YNN_FLAG in flags or _jaxlib_version() not in _YNN_OFF_VERSIONS:
     return False
-  os.environ['XLA_FLAGS'] = (flags + ' ' + _YNN_FLAG + '=invalid').strip()
+  os.environ['XLA_FLAGS'] = (flags + ' ' + _YNN_FLAG + '=').strip()
   return True
 
 
