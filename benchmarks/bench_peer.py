@@ -24,7 +24,6 @@ A table is printed and the figures are written as JSON (``--json``).
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -35,24 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import config_lib
 from diffusion_jax import host
 from diffusion_jax import interop
 from diffusion_jax import models
 from diffusion_jax import sampling
 from diffusion_jax import train
 
+from bench_train import load_config   # benchmarks/ is on sys.path when run as a script
+
 # Peak dense bfloat16 FLOP/s for MFU, by device name (vendor data sheets).
 PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12}
-
-
-def load_config(path):
-  if path is None:
-    return config_lib.digits_config()
-  spec = importlib.util.spec_from_file_location('cfg', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 # --- ours ---------------------------------------------------------------------------
