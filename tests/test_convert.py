@@ -30,7 +30,7 @@ MAIN_FLAGS = [
 def run(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=900)   # generous: CI machines may be loaded
 
 
 @pytest.fixture(scope='module')
