@@ -73,10 +73,17 @@ def test_sigterm_saves_a_checkpoint_and_run_resumes(tmp_path):
            '--default_config.training.log_every_steps=1',
            '--default_config.training.sample_every_steps=100000']
   proc = _cli(workdir, *flags)
-  deadline = time.time() + 300
-  while not glob.glob(str(workdir / 'tensorboard' / 'events.*')) and time.time() < deadline:
+  # Wait for the first logged scalar: it is written inside the training loop, where
+  # the SIGTERM handler is installed (the events file itself appears before that).
+  deadline, first_size = time.time() + 600, None
+  while time.time() < deadline:
+    files = glob.glob(str(workdir / 'tensorboard' / 'events.*'))
+    if files:
+      size = os.path.getsize(files[0])
+      first_size = size if first_size is None else first_size
+      if size > first_size:
+        break
     time.sleep(0.5)
-  time.sleep(2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
