@@ -118,7 +118,10 @@ KILL_FLAGS = [f'--default_config.{k}={v}'.replace(' ', '') for k, v in TINY.item
     '--default_config.training.checkpoint_every_steps=4',
     '--default_config.training.log_every_steps=4',
     '--default_config.training.sample_every_steps=1000',
-    '--default_config.model.dropout=0.1']
+    '--default_config.model.dropout=0.1',
+    # One CPU device, as in this pytest process, which restores the checkpoints to compare
+    # them (the CLI's default splits the CPU into one device per core: diffusion_jax/host.py).
+    '--default_config.training.cpu_devices=1']
 
 
 def _start(workdir, cache_dir):
