@@ -1,7 +1,8 @@
 """Noise-prediction networks, built from an ``ml_collections`` config.
 
 ``create_model(config)`` returns a Flax module called as
-``module.apply(variables, x_t, t, train=bool, rngs={'dropout': key})``.
+``module.apply(variables, x_t, t, y=None, train=bool, rngs={'dropout': key})``
+(``y``: int32 labels ``[B]`` of a class-conditional model, ``model.num_classes > 0``).
 """
 
 import warnings
@@ -113,15 +114,16 @@ def create_model(config: Any) -> UNet:
   attn_resolutions = tuple(int(r) for r in _get(model, 'attn_resolutions', ()))
   dropout = float(_get(model, 'dropout', 0.0))
   num_groups = int(_get(model, 'num_groups', 32))
-  conv_impl = str(_get(model, 'conv_impl', 'auto'))
-  attention_impl = str(_get(model, 'attention_impl', 'auto'))
-  if conv_impl not in layers.CONV_IMPLS:
-    raise ValueError(f'Unknown model.conv_impl={conv_impl!r}; allowed values: '
-                     f'{layers.CONV_IMPLS}.')
-  if attention_impl not in layers.ATTENTION_IMPLS:
-    raise ValueError(f'Unknown model.attention_impl={attention_impl!r}; allowed values: '
-                     f'{layers.ATTENTION_IMPLS}.')
+  conv_impl = layers.check_impl('conv_impl', str(_get(model, 'conv_impl', 'auto')),
+                                layers.CONV_IMPLS)
+  attention_impl = layers.check_impl('attention_impl',
+                                     str(_get(model, 'attention_impl', 'auto')),
+                                     layers.ATTENTION_IMPLS)
 
+  num_classes = _get(model, 'num_classes', 0)
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+    raise ValueError(f'model.num_classes must be an integer >= 0 (0: unconditional), '
+                     f'got {num_classes!r}.')
   if ch <= 0:
     raise ValueError(f'model.ch must be positive, got {ch}.')
   if not ch_mult or any(m <= 0 for m in ch_mult):
@@ -163,7 +165,7 @@ def create_model(config: Any) -> UNet:
       resamp_with_conv=bool(_get(model, 'resamp_with_conv', True)),
       num_groups=num_groups, dtype=DTYPES[dtype_name],
       remat=bool(_get(model, 'remat', False)), conv_impl=conv_impl,
-      attention_impl=attention_impl)
+      attention_impl=attention_impl, num_classes=num_classes)
 
 
 def count_params(params: Any) -> int:

@@ -19,7 +19,7 @@ GroupNorm statistics and the attention softmax are computed in float32.
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,6 +82,14 @@ def _dense(features, *, name, dtype, init_scale=1.0):
 
 
 CONV_IMPLS = ('auto', 'xla', 'matmul')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+
+
+def check_impl(field: str, impl: str, allowed: Sequence[str]) -> str:
+  """``impl`` if it is one of ``allowed``, else a ValueError naming ``model.<field>``."""
+  if impl not in allowed:
+    raise ValueError(f'Unknown model.{field}={impl!r}; allowed values: {tuple(allowed)}.')
+  return impl
 # On the CPU, layers whose output has at most this many positions use the
 # matmul form (XLA:CPU's convolution is up to 15x slower than the same
 # arithmetic as a matmul at 2x2 and 4x4; benchmarks/bench_peer.py).
@@ -161,8 +169,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = 'auto')
   pixels use :func:`conv2d_matmul`; everything else, and every layer on GPU and
   TPU, uses XLA's convolution. ``'xla'`` / ``'matmul'`` force one form.
   """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'Unknown model.conv_impl={impl!r}; allowed values: {CONV_IMPLS}.')
+  check_impl('conv_impl', impl, CONV_IMPLS)
   if impl == 'xla':
     return conv2d_xla(x, kernel, stride)
   if impl == 'matmul':
@@ -227,8 +234,7 @@ def upsample_conv2d(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.
   products. ``'auto'``: the sub-pixel form with matrix products on the CPU
   when the input has at most ``CPU_MATMUL_MAX_POSITIONS`` pixels, else XLA.
   """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'Unknown model.conv_impl={impl!r}; allowed values: {CONV_IMPLS}.')
+  check_impl('conv_impl', impl, CONV_IMPLS)
   direct = lambda a, k: conv2d_xla(upsample_nearest(a), k, 1)  # noqa: E731
   if impl == 'xla':
     return direct(x, kernel)
@@ -334,9 +340,6 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
-
-
 def attention_implementation(impl: str, dtype: Dtype, head_dim: int):
   """The ``implementation`` argument of ``jax.nn.dot_product_attention``.
 
@@ -344,9 +347,7 @@ def attention_implementation(impl: str, dtype: Dtype, head_dim: int):
   the call (16-bit inputs, head size a multiple of 8 and at most 128), XLA's
   otherwise (CPU, TPU, float32). ``'xla'`` / ``'cudnn'`` force one.
   """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f'Unknown model.attention_impl={impl!r}; allowed values: '
-                     f'{ATTENTION_IMPLS}.')
+  check_impl('attention_impl', impl, ATTENTION_IMPLS)
   if impl == 'auto':
     supported = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
                  and head_dim % 8 == 0 and head_dim <= 128)
