@@ -265,7 +265,8 @@ def compile_report(config, topology: str, *, log=print) -> dict:
     report.update(compile_seconds=round(time.time() - start, 1),
                   compile_cpu_seconds=round(time.process_time() - cpu_start, 1), fits=False,
                   flops_per_step=None, memory_per_device_bytes=oom.required_bytes,
-                  available_hbm_bytes=oom.available_bytes, error=oom.message)
+                  available_hbm_bytes=oom.available_bytes, memory_required_for=oom.what,
+                  error=oom.message)
     return report
   report['compile_seconds'] = round(time.time() - start, 1)
   report['compile_cpu_seconds'] = round(time.process_time() - cpu_start, 1)  # all threads

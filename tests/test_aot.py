@@ -127,6 +127,40 @@ def test_refused_step_reports_does_not_fit_and_exits_1(monkeypatch, tmp_path, ca
   assert (report['fits'], report['flops_per_step'], report['global_batch']) == (False, None, 16384)
   assert report['memory_per_device_bytes'] == round(32.59 * GiB)
   assert report['hbm_per_device_bytes'] == 16 * GiB and report['per_device_batch'] == 4096
+  assert report['memory_required_for'] == 'HLO temporaries'
+  assert report['available_hbm_bytes'] == round(15.75 * GiB)
+
+
+def _aot_table():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'aot_table.py')
+  spec = importlib.util.spec_from_file_location('aot_table', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_results_table_rows_come_from_the_reports():
+  """benchmarks/aot_table.py: a fitting report's figures, and a refusal's compiler figures."""
+  fits = dict(config='configs/cifar10.py', topology='v4:2x2x1', devices=4, device_kind='TPU v4',
+              global_batch=128, per_device_batch=32, dtype='bfloat16', remat=True,
+              compile_seconds=785.9, fits=True, flops_per_step=1.1346e12,
+              memory_per_device_bytes=round(1.13 * GiB), argument_bytes=round(0.53 * GiB),
+              temp_bytes=round(0.59 * GiB), hbm_per_device_bytes=32 * GiB,
+              images_per_second_at_40pct=12409.6, images_per_second_at_60pct=18614.4)
+  refused = dict(config='configs/cifar10.py', topology='v5e:2x2', devices=4,
+                 device_kind='TPU v5 lite', global_batch=16384, per_device_batch=4096,
+                 dtype='bfloat16', remat=False, compile_seconds=86.0, fits=False,
+                 flops_per_step=None, memory_per_device_bytes=round(32.59 * GiB),
+                 available_hbm_bytes=round(15.75 * GiB), memory_required_for='HLO temporaries',
+                 hbm_per_device_bytes=16 * GiB, error=REFUSAL)
+  lines = _aot_table().table([refused, fits]).splitlines()
+  assert len(lines) == 4 and lines[0].count('|') == lines[1].count('|') == lines[2].count('|')
+  assert lines[2] == ('| cifar10 | v4:2x2x1 | 4 x TPU v4 | 128 | bfloat16 | yes | 786 | 1.135 | '
+                      '35.46 | 1.13 (0.53 args + 0.59 temps) | 32.00 | yes | 12,410 | 18,614 |')
+  assert lines[3] == ('| cifar10 | v5e:2x2 | 4 x TPU v5 lite | 16384 | bfloat16 | no | 86 | — | '
+                      '— | 32.59 needed for HLO temporaries (15.75 usable) | 16.00 | **no** | '
+                      '— | — |')
 
 
 @pytest.mark.parametrize('topology', ['v9:2x2', 'tpu'])
