@@ -161,6 +161,32 @@ def test_results_table_rows_come_from_the_reports():
   assert lines[3] == ('| cifar10 | v5e:2x2 | 4 x TPU v5 lite | 16384 | bfloat16 | no | 86 | — | '
                       '— | 32.59 needed for HLO temporaries (15.75 usable) | 16.00 | **no** | '
                       '— | — |')
+  short = _aot_table().table([fits, refused], short=True).splitlines()
+  assert short[0] == ('| config | topology | global batch | remat | TFLOP/device/step | '
+                      'memory GiB/device | HBM GiB/device | fits | images/s at 40% peak | '
+                      'images/s at 60% peak |')
+  assert short[2] == '| cifar10 | v4:2x2x1 | 128 | yes | 1.135 | 1.13 | 32.00 | yes | 12,410 | 18,614 |'
+
+
+def test_results_table_remat_saving_line():
+  base = dict(config='configs/celeba_hq256.py', topology='v4:2x2x1', global_batch=64,
+              per_device_batch=16, argument_bytes=GiB)
+  off = dict(base, remat=False, flops_per_step=10e12, memory_per_device_bytes=6 * GiB,
+             temp_bytes=5 * GiB)
+  on = dict(base, remat=True, flops_per_step=13e12, memory_per_device_bytes=3 * GiB,
+            temp_bytes=2 * GiB)
+  other = dict(off, topology='v5e:2x2')  # no remat twin: no line
+  assert _aot_table().remat_savings([other, on, off]) == [
+      '- celeba_hq256 on v4:2x2x1, global batch 64: model.remat saves 3.00 GiB per device (50% of '
+      '6.00 GiB; temporaries 5.00 -> 2.00 GiB, -3.00) for +30% FLOPs per step.']
+
+
+def test_results_table_replaces_only_its_block(tmp_path):
+  module = _aot_table()
+  path = tmp_path / 'RESULTS.md'
+  path.write_text(f'# head\n{module.BEGIN}\n| old |\n{module.END}\ntail\n')
+  module.update(str(path), '| new |\n|---|')
+  assert path.read_text() == f'# head\n{module.BEGIN}\n| new |\n|---|\n{module.END}\ntail\n'
 
 
 @pytest.mark.parametrize('topology', ['v9:2x2', 'tpu'])
