@@ -34,28 +34,37 @@ def eval_images(config, num: Optional[int] = None, split: Optional[str] = None) 
 
 
 def make_bpd_fn(config, schedule: Schedule, apply_fn: rt.ApplyFn, sharding=None) -> Callable:
-  """Jitted ``(params, x0 [B], rng) -> calc_bpd_loop(...)``, batch-sharded if ``sharding``."""
+  """Jitted ``(params, x0 [B], rng, y=None) -> calc_bpd_loop(...)``, batch-sharded if ``sharding``.
+
+  ``y``: the true labels ``[B]`` of a class-conditional model, so the bound is
+  that of p(x_0 | y) (no guidance: a guided eps is not a likelihood model).
+  """
   d = config.diffusion
 
-  def fn(params, x0, rng):
-    return diffusion.calc_bpd_loop(schedule, lambda x, t: apply_fn(params, x, t), x0, rng,
+  def fn(params, x0, rng, y=None):
+    model_fn = ((lambda x, t: apply_fn(params, x, t)) if y is None
+                else (lambda x, t: apply_fn(params, x, t, y)))
+    return diffusion.calc_bpd_loop(schedule, model_fn, x0, rng,
                                    mean_type=d.mean_type, var_type=d.var_type,
                                    clip_denoised=bool(d.get('clip_denoised', True)))
 
   if sharding is None:
     return jax.jit(fn)
   replicated = NamedSharding(sharding.mesh, P())
-  return jax.jit(fn, in_shardings=(replicated, sharding, replicated), out_shardings=sharding)
+  labels = (sharding,) if config.model.get('num_classes', 0) else ()
+  return jax.jit(fn, in_shardings=(replicated, sharding, replicated) + labels,
+                 out_shardings=sharding)
 
 
 def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: np.ndarray, rng, *,
              batch_size: Optional[int] = None, mesh: Optional[Mesh] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, labels: Optional[np.ndarray] = None) -> dict:
   """The variational bound (DDPM eq. 5) of ``images`` with :func:`diffusion.calc_bpd_loop`.
 
   One jitted function for one batch shape: batches of ``batch_size`` (default
   ``eval.batch_size``), the last one padded by repeating its final image (the
-  padding is dropped). Batch ``i`` uses ``fold_in(rng, i)``.
+  padding is dropped). Batch ``i`` uses ``fold_in(rng, i)``. A class-conditional
+  model needs the images' true ``labels`` [N] (:func:`eval_labels`).
 
   Returns:
     NumPy dict: per example ``total_bpd``, ``prior_bpd`` (L_T), ``decoder_bpd``
@@ -66,6 +75,9 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
   n = images.shape[0]
   if n == 0:
     raise ValueError('bpd_eval needs at least one image.')
+  if (labels is None) != (not config.model.get('num_classes', 0)):
+    raise ValueError('bpd_eval needs labels exactly for a class-conditional model '
+                     f'(model.num_classes={config.model.get("num_classes", 0)}).')
   bs = min(int(batch_size or config.eval.batch_size), n)
   if mesh is not None:
     bs = rt.round_up(bs, mesh.size)
@@ -77,12 +89,13 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
   n_batches = -(-n // bs)
   for i in tqdm(range(n_batches), desc='bits/dim', unit='batch',
                 disable=not (progress and rt.is_main()), dynamic_ncols=True):
-    x = images[i * bs:(i + 1) * bs]
-    k = x.shape[0]
-    if k < bs:
-      x = np.concatenate([x, np.repeat(x[-1:], bs - k, axis=0)], axis=0)
-    out = {key: rt.to_host(v)[:k].astype(np.float64)
-           for key, v in fn(params, rt.put(x, sharding), jax.random.fold_in(rng, i)).items()}
+    x = _pad_batch(images[i * bs:(i + 1) * bs], bs)
+    k = min(bs, n - i * bs)
+    args = (params, rt.put(x, sharding), jax.random.fold_in(rng, i))
+    if labels is not None:
+      args += (rt.put(_pad_batch(np.asarray(labels[i * bs:(i + 1) * bs], np.int32), bs),
+                      sharding),)
+    out = {key: rt.to_host(v)[:k].astype(np.float64) for key, v in fn(*args).items()}
     for key in sums:
       sums[key] += out[key].sum(axis=0)
     per_ex['total_bpd'].append(out['total_bpd'])
@@ -91,6 +104,19 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
   result = {k: np.concatenate(v) for k, v in per_ex.items()}
   result.update({k: v / n for k, v in sums.items()})
   return result
+
+
+def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+  """``x`` padded to ``size`` rows by repeating its last row."""
+  if x.shape[0] == size:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
+
+
+def eval_labels(config, num: Optional[int] = None, split: Optional[str] = None):
+  """True int32 labels of :func:`eval_images` (None for an unconditional config)."""
+  num = None if num is None or num < 0 else int(num)
+  return data_lib.load_labels(config, split or config.data.eval_split, num)
 
 
 def bpd_summary(result: dict) -> dict:

@@ -11,6 +11,8 @@ the real test digits' distance at the same sample count.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from diffusion_jax import data as data_lib
@@ -49,7 +51,21 @@ def distances_to_reference(features: np.ndarray, real: np.ndarray, ref: np.ndarr
               kid=kid, kid_std=kid_std, kid_real=kid_real, kid_real_std=kid_real_std)
 
 
-def classifier_metrics(config, workdir: str, sample_sets: dict) -> dict:
+def asked_for_accuracy(predicted: np.ndarray, asked: np.ndarray, num_classes: int) -> dict:
+  """The fraction of samples read as the class they were asked for, overall and per class.
+
+  A class-conditional model's fidelity to its label (classifier-free guidance,
+  Ho & Salimans 2022, trades it against diversity with the scale w).
+  """
+  predicted, asked = np.asarray(predicted), np.asarray(asked)
+  hit = predicted == asked
+  per_class = [float(np.mean(hit[asked == k])) if np.any(asked == k) else float('nan')
+               for k in range(num_classes)]
+  return dict(asked_for_accuracy=float(np.mean(hit)), asked_for_accuracy_per_class=per_class)
+
+
+def classifier_metrics(config, workdir: str, sample_sets: dict,
+                       sample_labels: Optional[dict] = None) -> dict:
   """Sample quality for the digits default with no download (see :mod:`classifier`).
 
   Trains (or loads from ``workdir/eval``) the small digit classifier on the
@@ -58,7 +74,8 @@ def classifier_metrics(config, workdir: str, sample_sets: dict) -> dict:
   uses training-set statistics), each next to the held-out test digits'
   distance at the same sample count (:func:`distances_to_reference`: Fréchet
   distance and KID), the mean classifier confidence (max softmax) and the
-  predicted-class histogram.
+  predicted-class histogram. ``sample_labels`` (a class-conditional model's
+  asked-for labels per set) adds :func:`asked_for_accuracy`.
   """
   from diffusion_jax import classifier  # pylint: disable=g-import-not-at-top
   if config.data.name != 'digits':
@@ -82,13 +99,18 @@ def classifier_metrics(config, workdir: str, sample_sets: dict) -> dict:
     logits = classifier.classifier_logits(params, x)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    hist = np.bincount(np.argmax(probs, axis=1), minlength=probs.shape[1])
+    predicted = np.argmax(probs, axis=1)
+    hist = np.bincount(predicted, minlength=probs.shape[1])
     d = distances_to_reference(classifier.classifier_features(params, x), real, ref)
     out[label] = dict(num_samples=int(len(x)), **d,
                       mean_confidence=float(np.mean(np.max(probs, axis=1))),
                       class_histogram=[int(c) for c in hist],
                       digit_score=metrics.inception_score(probs, num_splits=1,
                                                           from_logits=False)[0])
+    asked = (sample_labels or {}).get(label)
+    if asked is not None:
+      out[label].update(asked_for_accuracy(predicted, asked, probs.shape[1]))
+      rt.say(f'  {label}: {out[label]["asked_for_accuracy"]:.1%} read as the asked-for class')
     rt.say(f'  {label}: classifier Fréchet distance {d["frechet_at_n"]:.3f} at '
            f'{d["num_compared"]} samples (test digits at {d["num_compared"]}: '
            f'{d["frechet_real_at_n"]:.3f}; all {len(x)} samples: {d["frechet_distance"]:.3f}), '

@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   model.remat = False            # jax.checkpoint around each residual block (less memory, ~1/3 more FLOPs)
   model.conv_impl = 'auto'       # auto (matmul form for tiny layers on CPU) | xla | matmul
   model.attention_impl = 'auto'  # auto (cuDNN flash attention on GPU where supported) | xla | cudnn
+  model.num_classes = 0          # > 0: class-conditional (label embedding + a "no label" token)
+  model.class_dropout = 0.0      # training: probability of replacing a label by "no label" (CFG)
 
   # --- diffusion ------------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -91,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   sampling.pc_snr = 0.16          # Langevin corrector signal-to-noise ratio
   sampling.pc_corrector_steps = 1
   sampling.use_ema = True
+  sampling.class_label = -1       # conditional models: -1 uniform random labels, k: all k
+  sampling.guidance_scale = 0.0   # classifier-free guidance w: (1+w) eps(x,y) - w eps(x,none)
 
   # --- evaluation -----------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
@@ -103,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.parts = 'bpd,rd,figures,fid,classifier'   # --mode eval parts (diffusion_jax/evaluate.py)
   ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
   ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
+  ev.guidance_scales = '0,0.5,1,2,3'  # part 'guidance': w of the fidelity/diversity curve
   return config
 
 
@@ -262,6 +267,7 @@ def validate_config(config) -> None:
     if tr[key] % tr.steps_per_call:
       raise ValueError(f'training.{key}={tr[key]} must be a multiple of '
                        f'training.steps_per_call={tr.steps_per_call}.')
+  validate_conditioning(config)
   sp = config.sampling
   _allowed('sampling.sampler', sp.sampler, ('ancestral', 'ddim', 'pc'))
   _allowed('sampling.skip_type', sp.skip_type, ('uniform', 'quadratic'))
@@ -269,3 +275,24 @@ def validate_config(config) -> None:
   if sp.sampler != 'ancestral' and not 1 <= sp.num_steps <= d.num_timesteps:
     raise ValueError(f'sampling.num_steps must be in [1, diffusion.num_timesteps={d.num_timesteps}], '
                      f'got {sp.num_steps}.')
+
+
+def validate_conditioning(config) -> None:
+  """Checks ``model.num_classes``, ``model.class_dropout``, ``sampling.class_label`` / ``guidance_scale``."""
+  m, sp = config.model, config.sampling
+  k = m.get('num_classes', 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ValueError(f'model.num_classes must be an integer >= 0 (0: unconditional), got {k!r}.')
+  p = m.get('class_dropout', 0.0)
+  if isinstance(p, bool) or not 0.0 <= p < 1.0:
+    raise ValueError(f'model.class_dropout must be in [0, 1), got {p!r}.')
+  label = sp.get('class_label', -1)
+  if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < max(k, 1):
+    allowed = f'-1 (uniform) or 0..{k - 1}' if k else '-1 (the model is unconditional)'
+    raise ValueError(f'sampling.class_label={label!r} is not supported; allowed values: {allowed}.')
+  w = sp.get('guidance_scale', 0.0)
+  if isinstance(w, bool) or not w >= 0:
+    raise ValueError(f'sampling.guidance_scale must be >= 0, got {w!r}.')
+  if w > 0 and not k:
+    raise ValueError(f'sampling.guidance_scale={w} needs a class-conditional model '
+                     '(model.num_classes > 0); use 0.')

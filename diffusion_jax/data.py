@@ -37,8 +37,15 @@ Training iterator: each host reads only its shard (a contiguous block of
 has the same epoch length), shuffles it with a seed derived from
 ``(seed, process_index)``, reshuffles every epoch, flips horizontally at random
 (seeded per element position) when ``config.data.random_flip``, and yields
-``{'image': float32 [local_batch, H, W, C]}`` forever; batches may straddle
-epoch boundaries. The iterator is a grain ``DatasetIterator``: ``get_state()``
+``{'image': float32 [local_batch, H, W, C]}`` forever (plus ``'label'``, int32
+``[local_batch]``, for a class-conditional config); batches may straddle
+epoch boundaries.
+
+Labels (class-conditional configs, ``model.num_classes > 0``): digits (the
+scikit-learn targets), mnist and cifar10 (tfds ``label``), and image folders
+with one sub-folder per class (classes in sorted folder-name order; every
+image must lie inside a class folder). ``model.num_classes`` must equal the
+data set's number of classes; celeb_a_hq and LSUN have no labels. The iterator is a grain ``DatasetIterator``: ``get_state()``
 returns a small JSON-serialisable dict and ``set_state(state)`` on a fresh
 iterator built from the same config resumes exactly where it stopped.
 """
@@ -46,7 +53,7 @@ iterator built from the same config resumes exactly where it stopped.
 import dataclasses
 import inspect
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import logging
 import grain
@@ -55,6 +62,8 @@ import numpy as np
 from PIL import Image
 
 TFDS_DATASETS = ('mnist', 'cifar10', 'celeb_a_hq', 'lsun')
+# Number of classes of the labelled data sets (image folders: their class folders).
+NUM_CLASSES = {'digits': 10, 'mnist': 10, 'cifar10': 10}
 DATASETS = ('digits', 'mnist', 'cifar10', 'celeb_a_hq', 'lsun/<category>',
             'image_folder')
 LSUN_CATEGORIES = (
@@ -131,6 +140,7 @@ def validate_data_config(config, *, process_count: int | None = None,
     raise ValueError(
         'data.data_dir must be set to a folder of PNG/JPEG images when '
         "data.name='image_folder'.")
+  _check_labels_available(config)
   process_count = jax.process_count() if process_count is None else process_count
   num_devices = jax.device_count() if num_devices is None else num_devices
   batch = config.training.batch_size
@@ -145,6 +155,26 @@ def validate_data_config(config, *, process_count: int | None = None,
     raise ValueError(
         f'training.batch_size={batch} (global) must be divisible by the '
         f'number of devices ({num_devices}).')
+
+
+def conditional(config) -> bool:
+  """Whether batches carry labels: a class-conditional model (``model.num_classes > 0``)."""
+  return bool(config.model.get('num_classes', 0))
+
+
+def _check_labels_available(config) -> None:
+  """A conditional config needs a labelled data set with ``model.num_classes`` classes."""
+  k, name = config.model.get('num_classes', 0), config.data.name
+  if not k or name == 'image_folder':   # image folders: checked when listed (get_source)
+    return
+  if name not in NUM_CLASSES:
+    raise ValueError(
+        f'model.num_classes={k} needs labels, but data.name={name!r} has none; labelled data '
+        f'sets: {", ".join(NUM_CLASSES)}, image_folder with one sub-folder per class '
+        '(or set model.num_classes=0).')
+  if k != NUM_CLASSES[name]:
+    raise ValueError(f'model.num_classes={k} does not match data.name={name!r}, which has '
+                     f'{NUM_CLASSES[name]} classes; use {NUM_CLASSES[name]}.')
 
 
 def check_batch_fits(config, num_examples: int, process_count: int) -> None:
@@ -221,8 +251,9 @@ def _prepare_uint8(image: np.ndarray, size: int, num_channels: int) -> np.ndarra
 
 @dataclasses.dataclass
 class ArraySource:
-  """An in-memory array of float32 images [N, H, W, C] in [-1, 1]."""
+  """An in-memory array of float32 images [N, H, W, C] in [-1, 1] (and int labels [N])."""
   images: np.ndarray
+  labels: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return len(self.images)
@@ -232,6 +263,9 @@ class ArraySource:
 
   def uint8(self, index: int) -> np.ndarray:
     return _to_uint8(self.images[index])
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    return {'image': self.images[index], 'label': np.int32(self.labels[index])}
 
 
 @dataclasses.dataclass
@@ -251,6 +285,11 @@ class TfdsSource:
   def __getitem__(self, index: int) -> np.ndarray:
     return _to_float(self.uint8(index))
 
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    record = self.source[index]
+    image = _prepare_uint8(record['image'], self.image_size, self.num_channels)
+    return {'image': _to_float(image), 'label': np.int32(record['label'])}
+
 
 @dataclasses.dataclass
 class FolderSource:
@@ -264,6 +303,7 @@ class FolderSource:
   paths: Sequence[str]
   image_size: int
   num_channels: int
+  labels: Optional[Sequence[int]] = None   # the class of each path (class sub-folders)
   _warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
   def __len__(self) -> int:
@@ -274,10 +314,12 @@ class FolderSource:
       pil = pil.convert('L' if self.num_channels == 1 else 'RGB')
       return np.asarray(pil)
 
-  def uint8(self, index: int) -> np.ndarray:
+  def _readable(self, index: int) -> tuple[np.ndarray, int]:
+    """(uint8 image, index of the file read): ``index``'s file or the next readable one."""
     n = len(self.paths)
     for offset in range(n):
-      path = self.paths[(index + offset) % n]
+      i = (index + offset) % n
+      path = self.paths[i]
       try:
         image = self._read(path)
       except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors
@@ -286,12 +328,31 @@ class FolderSource:
           logging.warning('Skipping corrupt image file %s (%s: %s); the next readable file '
                           'is used in its place.', path, type(e).__name__, e)
         continue
-      return _prepare_uint8(image, self.image_size, self.num_channels)
+      return _prepare_uint8(image, self.image_size, self.num_channels), i
     raise DatasetNotFoundError(f"Data set 'image_folder': none of the {n} image files under "
                                'data.data_dir can be decoded.')
 
+  def uint8(self, index: int) -> np.ndarray:
+    return self._readable(index)[0]
+
   def __getitem__(self, index: int) -> np.ndarray:
     return _to_float(self.uint8(index))
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    image, i = self._readable(index)   # the label of the file actually read
+    return {'image': _to_float(image), 'label': np.int32(self.labels[i])}
+
+
+@dataclasses.dataclass
+class _Examples:
+  """``{'image', 'label'}`` examples of a labelled source, as a random-access source."""
+  source: Any
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self.source.example(index)
 
 
 @dataclasses.dataclass
@@ -313,8 +374,11 @@ def _digits_source(config, split: str) -> ArraySource:
     raise ValueError(
         f'split {split!r} (data.train_split / data.eval_split) is not a digits '
         f'split; allowed: {DIGITS_SPLITS}.')
-  images = sk_datasets.load_digits().images.astype(np.float32)   # 0..16
-  images = images[:-DIGITS_NUM_TEST] if split == 'train' else images[-DIGITS_NUM_TEST:]
+  digits = sk_datasets.load_digits()
+  images = digits.images.astype(np.float32)   # 0..16
+  labels = digits.target.astype(np.int32)
+  part = slice(None, -DIGITS_NUM_TEST) if split == 'train' else slice(-DIGITS_NUM_TEST, None)
+  images, labels = images[part], labels[part]
   images = images / 16.0 * 2.0 - 1.0
   size = config.data.image_size
   if size != images.shape[1]:
@@ -324,7 +388,7 @@ def _digits_source(config, split: str) -> ArraySource:
   images = np.clip(images, -1.0, 1.0)[..., None]
   if config.data.num_channels == 3:
     images = np.repeat(images, 3, axis=-1)
-  return ArraySource(np.ascontiguousarray(images, dtype=np.float32))
+  return ArraySource(np.ascontiguousarray(images, dtype=np.float32), labels)
 
 
 def tfds_name(config) -> str:
@@ -402,6 +466,36 @@ def _tfds_source(config, split: str) -> TfdsSource:
 
 def list_image_files(data_dir: str, split: str | None = None) -> list[str]:
   """Sorted PNG/JPEG paths under ``data_dir`` (or ``data_dir/split``, see module doc)."""
+  return _image_files(data_dir, split)[1]
+
+
+def folder_class_labels(root: str, paths: Sequence[str],
+                        num_classes: int) -> tuple[list[int], list[str]]:
+  """(label of every path, class names): one class per sub-folder of ``root``, sorted by name.
+
+  Raises:
+    DatasetNotFoundError: an image outside every class folder, or a number of
+      class folders other than ``num_classes`` (``model.num_classes``).
+  """
+  tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+  loose = [os.path.join(root, *t) for t in tops if len(t) == 1]
+  if loose:
+    raise DatasetNotFoundError(
+        f"model.num_classes={num_classes} needs one sub-folder per class under {root!r} "
+        f"(data.data_dir), but {loose[0]!r} is not in one; move the images into class folders "
+        'or set model.num_classes=0.')
+  names = sorted({t[0] for t in tops})
+  if len(names) != num_classes:
+    raise DatasetNotFoundError(
+        f'model.num_classes={num_classes} does not match the {len(names)} class folders under '
+        f'{root!r} (data.data_dir: {", ".join(names[:10])}{", ..." if len(names) > 10 else ""}); '
+        f'use {len(names)}.')
+  index = {name: i for i, name in enumerate(names)}
+  return [index[t[0]] for t in tops], names
+
+
+def _image_files(data_dir: str, split: str | None) -> tuple[str, list[str]]:
+  """(the folder searched, its sorted PNG/JPEG paths); see :func:`list_image_files`."""
   root = os.path.expanduser(data_dir)
   if not os.path.isdir(root):
     raise DatasetNotFoundError(
@@ -427,19 +521,21 @@ def list_image_files(data_dir: str, split: str | None = None) -> list[str]:
         f"Data set 'image_folder': no {'/'.join(IMAGE_EXTENSIONS)} files found "
         f'under data_dir {root!r} (data.data_dir). Point --config.data.data_dir '
         'at a folder of images.')
-  return sorted(paths)
+  return root, sorted(paths)
 
 
 def get_source(config, split: str):
   """A random-access source of float32 [H, W, C] images in [-1, 1] for a split.
 
-  Sources also have ``uint8(index)`` returning the uint8 image [H, W, C].
+  Sources also have ``uint8(index)`` returning the uint8 image [H, W, C], and
+  labelled ones ``example(index)`` returning ``{'image', 'label'}``.
 
   Raises:
     ValueError: bad config values.
     DatasetNotFoundError: the data set is not on disk.
   """
   _check_name(config.data.name)
+  _check_labels_available(config)
   name = config.data.name
   if name == 'digits':
     return _digits_source(config, split)
@@ -448,8 +544,11 @@ def get_source(config, split: str):
       raise DatasetNotFoundError(
           "Data set 'image_folder': data.data_dir is not set. Point "
           '--config.data.data_dir at a folder of PNG/JPEG images.')
-    return FolderSource(list_image_files(config.data.data_dir, split),
-                        config.data.image_size, config.data.num_channels)
+    root, paths = _image_files(config.data.data_dir, split)
+    labels = None
+    if conditional(config):
+      labels, _ = folder_class_labels(root, paths, config.model.num_classes)
+    return FolderSource(paths, config.data.image_size, config.data.num_channels, labels)
   return _tfds_source(config, split)
 
 
@@ -464,10 +563,19 @@ def _as_example(image: np.ndarray) -> dict[str, np.ndarray]:
 
 def _random_flip(example: dict[str, np.ndarray],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Mirrors the image left-right with probability 1/2."""
+  """Mirrors the image left-right with probability 1/2 (a label is kept)."""
   if rng.random() < 0.5:
-    return {'image': np.ascontiguousarray(example['image'][:, ::-1])}
+    return {**example, 'image': np.ascontiguousarray(example['image'][:, ::-1])}
   return example
+
+
+def _training_examples(config, source, start: int, stop: int, shuffle_seed: int):
+  """One host's shard, reshuffled every epoch, as ``{'image'}`` (+ ``'label'`` if conditional)."""
+  if conditional(config):
+    ds = grain.MapDataset.source(_Examples(source))[start:stop]
+    return ds.shuffle(seed=shuffle_seed).repeat()
+  ds = grain.MapDataset.source(source)[start:stop]
+  return ds.shuffle(seed=shuffle_seed).repeat().map(_as_example)
 
 
 def _to_plain_numpy(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -516,7 +624,7 @@ def create_train_iterator(config, *, process_index: int | None = None,
 
   Returns:
     A grain ``DatasetIterator`` yielding ``{'image': float32 [B_local, H, W,
-    C]}`` with ``B_local = training.batch_size // process_count``; it has
+    C]}`` (and ``'label'`` int32 [B_local] for a conditional config) with ``B_local = training.batch_size // process_count``; it has
     ``get_state()`` (JSON-serialisable) and ``set_state(state)``.
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -533,9 +641,7 @@ def create_train_iterator(config, *, process_index: int | None = None,
   start, stop = shard_bounds(len(source), process_index, process_count)
   shuffle_seed, flip_seed = _pipeline_seeds(seed, process_index)
 
-  ds = grain.MapDataset.source(source)[start:stop]
-  ds = ds.shuffle(seed=shuffle_seed).repeat()   # reshuffled every epoch
-  ds = ds.map(_as_example)
+  ds = _training_examples(config, source, start, stop, shuffle_seed)
   if config.data.random_flip:
     ds = ds.random_map(_random_flip, seed=flip_seed)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -581,6 +687,16 @@ def load_split(config, split: str, *, num: int | None = None) -> np.ndarray:
   if not batches:
     return np.zeros((0, size, size, c), np.float32)
   return np.concatenate(batches, axis=0)
+
+
+def load_labels(config, split: str, num: int | None = None) -> Optional[np.ndarray]:
+  """int32 labels of the first ``num`` (None: all) examples of a split, in the order of
+  :func:`load_split`; None for an unconditional config."""
+  if not conditional(config):
+    return None
+  source = get_source(config, split)
+  n = len(source) if num is None or num < 0 else min(int(num), len(source))
+  return np.asarray([source.example(i)['label'] for i in range(n)], np.int32)
 
 
 def load_uint8(config, split: str, num: int | None = None) -> np.ndarray:

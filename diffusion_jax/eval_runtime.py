@@ -33,7 +33,7 @@ from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import train
 
-ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]   # (params, x_t, t) -> out
+ApplyFn = Callable[..., jnp.ndarray]   # (params, x_t, t[, y]) -> out; y: labels of a conditional model
 
 to_host = train.to_host   # gathers a multi-host sharded array (process_allgather)
 
@@ -59,8 +59,11 @@ def join(*parts) -> str:
 
 
 def apply_fn_for(model) -> ApplyFn:
-  """``(params, x_t, t) -> output`` for a Flax module (eval mode, no dropout)."""
-  return lambda params, x, t: model.apply({'params': params}, x, t, train=False)
+  """``(params, x_t, t, y=None) -> output`` for a Flax module (eval mode, no dropout).
+
+  ``y``: int32 labels ``[B]`` of a class-conditional model (None: unconditional).
+  """
+  return lambda params, x, t, y=None: model.apply({'params': params}, x, t, y=y, train=False)
 
 
 def batch_sharding(mesh: Optional[Mesh], batch: int):

@@ -21,6 +21,8 @@ part             module                                  output
                                                          (needs ``eval.inception_path``)
 ``classifier``   :mod:`diffusion_jax.classifier_metrics` digits only: distances in a small digit
                                                          classifier's feature space, ``metrics.json``
+``guidance``     :mod:`diffusion_jax.guidance_sweep`     class-conditional models: the metrics per
+                                                         guidance scale, ``guidance.csv`` / ``.png``
 ===============  ======================================  =====================================
 
 Sample sets for ``fid`` and ``classifier`` come from :mod:`diffusion_jax.samples`.
@@ -41,12 +43,13 @@ from diffusion_jax import classifier_metrics
 from diffusion_jax import eval_runtime as rt
 from diffusion_jax import figures
 from diffusion_jax import fid
+from diffusion_jax import guidance_sweep
 from diffusion_jax import rate_distortion
 from diffusion_jax import samples
 from diffusion_jax.samples import sample  # noqa: F401  (--mode sample, called by main.py)
 from diffusion_jax.schedule import Schedule
 
-PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier')
+PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance')
 
 # Distinct streams of randomness, folded into PRNGKey(config.seed).
 RNG_BPD, RNG_FIGURES = 0xB9D, 0xF16
@@ -81,22 +84,36 @@ class _Context:
                                                     self.config.eval.num_bpd_examples)
     return self.cache['test']
 
+  def test_labels(self):
+    """True labels of :meth:`test_images` (None for an unconditional model)."""
+    if 'test_labels' not in self.cache:
+      self.cache['test_labels'] = bits_per_dim.eval_labels(self.config,
+                                                           self.config.eval.num_bpd_examples)
+    return self.cache['test_labels']
+
   def sample_sets(self) -> dict:
     if 'sets' not in self.cache:
       specs = samples.parse_sample_sets(self.config.eval.get('sample_sets', 'ancestral,ddim50'),
                                         self.schedule.num_timesteps)
       num = int(self.config.eval.num_fid_samples)
-      self.cache['sets'] = {
-          label: samples.sample_set(self.config, self.workdir, self.schedule, self.apply_fn,
-                                    self.params, self.step, label, kind, steps, num)
-          for label, kind, steps in specs}
+      sets = {label: samples.labeled_sample_set(self.config, self.workdir, self.schedule,
+                                                self.apply_fn, self.params, self.step, label,
+                                                kind, steps, num)
+              for label, kind, steps in specs}
+      self.cache['sets'] = {label: images for label, (images, _) in sets.items()}
+      self.cache['set_labels'] = {label: y for label, (_, y) in sets.items() if y is not None}
     return self.cache['sets']
+
+  def sample_set_labels(self) -> dict:
+    """The asked-for labels of :meth:`sample_sets` (class-conditional models; else empty)."""
+    self.sample_sets()
+    return self.cache['set_labels']
 
 
 def _part_bpd(ctx: _Context) -> dict:
   result = bits_per_dim.bpd_eval(ctx.config, ctx.schedule, ctx.apply_fn, ctx.params,
                                  ctx.test_images(), jax.random.fold_in(ctx.rng, RNG_BPD),
-                                 mesh=ctx.mesh)
+                                 mesh=ctx.mesh, labels=ctx.test_labels())
   ctx.cache['bpd'] = result
   summary = bits_per_dim.bpd_summary(result)
   summary.update(step=ctx.step, split=ctx.config.data.eval_split)
@@ -163,9 +180,22 @@ def _part_classifier(ctx: _Context) -> dict:
     msg = f'classifier metric skipped: it is for data.name=digits (got {ctx.config.data.name!r}).'
     rt.say(f'  {msg}')
     return {'skipped': msg}
-  out = classifier_metrics.classifier_metrics(ctx.config, ctx.workdir, ctx.sample_sets())
+  out = classifier_metrics.classifier_metrics(ctx.config, ctx.workdir, ctx.sample_sets(),
+                                             ctx.sample_set_labels())
   _update_metrics(ctx, 'classifier', out)
   return out
+
+
+def _part_guidance(ctx: _Context) -> dict:
+  if not ctx.config.model.get('num_classes', 0):
+    msg = 'guidance curve skipped: it is for class-conditional models (model.num_classes > 0).'
+    rt.say(f'  {msg}')
+    return {'skipped': msg}
+  rows = guidance_sweep.guidance_sweep(ctx.config, ctx.workdir, ctx.schedule, ctx.apply_fn,
+                                       ctx.params, ctx.step)
+  csv_path, png_path = guidance_sweep.write_guidance_curve(rows, ctx.eval_dir)
+  rt.say(f'  {csv_path}\n  {png_path}')
+  return dict(csv=csv_path, png=png_path, rows=rows)
 
 
 _PART_FNS = {
@@ -174,6 +204,7 @@ _PART_FNS = {
     'figures': ('progressive generation, shared x_t, interpolation (Figs. 6-9)', _part_figures),
     'fid': ('FID, KID and Inception Score', _part_fid),
     'classifier': ('digit-classifier Fréchet distance and KID', _part_classifier),
+    'guidance': ('metrics per classifier-free guidance scale', _part_guidance),
 }
 
 

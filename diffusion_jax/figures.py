@@ -9,7 +9,9 @@
   (:func:`interpolate`).
 
 All chains are :func:`p_sample_loop_from`: ancestral sampling (Algorithm 2)
-from a given x_t, one ``lax.scan`` whatever the starting steps.
+from a given x_t, one ``lax.scan`` whatever the starting steps. A
+class-conditional model's chains use :func:`figure_labels`, guided with
+``sampling.guidance_scale`` (:mod:`diffusion_jax.guidance`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax import eval_runtime as rt
+from diffusion_jax import guidance
 from diffusion_jax import images as image_lib
 from diffusion_jax import sampling
 from diffusion_jax.schedule import Schedule
@@ -89,25 +92,40 @@ def paper_step_to_t(step: int, num_timesteps: int, paper_T: int = 1000) -> int:
   return int(np.clip(round(step / paper_T * num_timesteps) - 1, 0, num_timesteps - 1))
 
 
+def figure_labels(config, rng, num: int):
+  """Labels of a figure's ``num`` chains for a class-conditional model (None if unconditional).
+
+  ``sampling.class_label`` (-1: uniform), from :func:`guidance.labels_from_config`;
+  the chains are guided with ``sampling.guidance_scale``.
+  """
+  if not guidance.num_classes(config):
+    return None
+  return guidance.labels_from_config(config, rng, num)
+
+
 def _chain_fn(config, schedule, apply_fn):
+  """Jitted ``(params, rng, x_t, t_start, y=None) -> x_0`` (guided for a conditional model)."""
   d = config.diffusion
-  return jax.jit(lambda params, rng, x_t, t_start: p_sample_loop_from(
-      schedule, lambda x, t: apply_fn(params, x, t), rng, x_t, t_start,
+  return jax.jit(lambda params, rng, x_t, t_start, y=None: p_sample_loop_from(
+      schedule, guidance.model_fn_from_config(config, apply_fn, params, y), rng, x_t, t_start,
       mean_type=d.mean_type, var_type=d.var_type,
       clip_denoised=bool(d.get('clip_denoised', True))))
 
 
 def progressive_generation(config, schedule, apply_fn, params, rng, *, num_samples: int = 8,
                            num_snapshots: int = 10) -> dict:
-  """Predicted x_0 along the reverse chain (DDPM Fig. 6): ``pred_x0 [N, K, H, W, C]``, ``t [K]``."""
+  """Predicted x_0 along the reverse chain (DDPM Fig. 6): ``pred_x0 [N, K, H, W, C]``, ``t [K]``.
+
+  A class-conditional model samples :func:`figure_labels`, guided.
+  """
   d = config.diffusion
   k = min(num_snapshots, schedule.num_timesteps)
   shape = sampling.sample_shape(config, num_samples)
-  fn = jax.jit(lambda params, rng: sampling.p_sample_loop_progressive(
-      schedule, lambda x, t: apply_fn(params, x, t), rng, shape, mean_type=d.mean_type,
-      var_type=d.var_type, clip_denoised=bool(d.get('clip_denoised', True)),
-      num_snapshots=k))
-  x0, snaps = fn(params, rng)
+  fn = jax.jit(lambda params, rng, y: sampling.p_sample_loop_progressive(
+      schedule, guidance.model_fn_from_config(config, apply_fn, params, y), rng, shape,
+      mean_type=d.mean_type, var_type=d.var_type,
+      clip_denoised=bool(d.get('clip_denoised', True)), num_snapshots=k))
+  x0, snaps = fn(params, rng, figure_labels(config, rng, num_samples))
   return dict(x0=rt.to_host(x0), pred_x0=np.swapaxes(rt.to_host(snaps['pred_x0']), 0, 1),
               x_t=np.swapaxes(rt.to_host(snaps['x_t']), 0, 1), t=rt.to_host(snaps['t']))
 
@@ -130,7 +148,8 @@ def shared_latent_samples(config, schedule, apply_fn, params, x0, rng, *,
   batch = jnp.repeat(x_t, num_samples, axis=0)
   t_start = np.repeat(ts, num_samples)
   chain = chain or _chain_fn(config, schedule, apply_fn)
-  out = rt.to_host(chain(params, jax.random.fold_in(rng, 1), batch, t_start))
+  out = rt.to_host(chain(params, jax.random.fold_in(rng, 1), batch, t_start,
+                         figure_labels(config, rng, batch.shape[0])))
   return dict(t=ts, x_t=rt.to_host(x_t), samples=out.reshape((len(ts), num_samples) + x0.shape))
 
 
@@ -166,7 +185,8 @@ def interpolate(config, schedule, apply_fn, params, x0a, x0b, rng, *,
   keys = jax.random.split(jax.random.fold_in(rng, 1), pairs)
   keys = jnp.repeat(keys, rows * num_lambdas, axis=0)    # one reverse-noise stream per pair
   chain = chain or _chain_fn(config, schedule, apply_fn)
-  out = rt.to_host(chain(params, keys, batch, jnp.repeat(tt, num_lambdas)))
+  out = rt.to_host(chain(params, keys, batch, jnp.repeat(tt, num_lambdas),
+                         figure_labels(config, rng, batch.shape[0])))
   return dict(t=ts, lambdas=lam, decoded=out.reshape((pairs, rows, num_lambdas) + image_shape))
 
 

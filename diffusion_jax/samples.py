@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from diffusion_jax import eval_runtime as rt
+from diffusion_jax import guidance
 from diffusion_jax import images as image_lib
 from diffusion_jax import sampling
 from diffusion_jax.schedule import Schedule
@@ -41,41 +42,88 @@ def generate_samples(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, r
   Chunks of ``batch_size`` (default ``sampling.batch_size``, rounded up to a
   multiple of the device count so that :func:`sampling.make_sampler` shards them);
   chunk ``i`` uses ``fold_in(rng, i)``; the last chunk is a full one, truncated,
-  so that one shape compiles.
+  so that one shape compiles. See :func:`generate_labeled_samples` for the labels.
+  """
+  return generate_labeled_samples(config, schedule, apply_fn, params, rng, num,
+                                  batch_size=batch_size, desc=desc, progress=progress)[0]
+
+
+def generate_labeled_samples(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, rng,
+                             num: int, *, batch_size: Optional[int] = None,
+                             desc: str = 'sampling', progress: bool = True):
+  """(uint8 images ``[num, H, W, C]``, int32 labels ``[num]`` or None), as :func:`generate_samples`.
+
+  A class-conditional config's chunk ``i`` has the labels
+  :func:`guidance.labels_from_config` of its key (``sampling.class_label``),
+  guided with ``sampling.guidance_scale``; an unconditional one has None.
   """
   if num <= 0:
     raise ValueError(f'number of samples must be positive, got {num}.')
   bs = int(batch_size or config.sampling.batch_size)
   chunk = rt.round_up(min(bs, num), jax.device_count())
   sampler = sampling.make_sampler(config, schedule, apply_fn, batch_size=chunk)
+  conditional = guidance.num_classes(config) > 0
   n_chunks = -(-num // chunk)
-  out = []
+  out, labels = [], []
   for i in tqdm(range(n_chunks), desc=desc, unit='chunk',
                 disable=not (progress and rt.is_main()), dynamic_ncols=True):
-    x = rt.to_host(sampler(params, jax.random.fold_in(rng, i)))
-    out.append(image_lib.to_uint8(x))
-  return np.concatenate(out, axis=0)[:num]
+    key = jax.random.fold_in(rng, i)
+    if conditional:
+      y = guidance.labels_from_config(config, key, chunk)
+      labels.append(np.asarray(y))
+      x = sampler(params, key, y)
+    else:
+      x = sampler(params, key)
+    out.append(image_lib.to_uint8(rt.to_host(x)))
+  images = np.concatenate(out, axis=0)[:num]
+  return images, (np.concatenate(labels)[:num] if conditional else None)
+
+
+def grid_by_class(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                  per_row: int = 10) -> np.ndarray:
+  """Images arranged one class per row (up to ``per_row`` each), blank cells padding short rows.
+
+  Returns ``[num_classes * per_row, H, W, C]`` uint8 for ``images.save_grid(..., nrow=per_row)``.
+  """
+  cells = np.full((num_classes, per_row) + images.shape[1:], 255, np.uint8)
+  for k in range(num_classes):
+    of_k = images[labels == k][:per_row]
+    cells[k, :len(of_k)] = of_k
+  return cells.reshape((-1,) + images.shape[1:])
+
+
+def save_samples_grid(config, images: np.ndarray, labels: Optional[np.ndarray], path) -> None:
+  """The PNG grid of ``--mode sample``: one class per row for random labels, else the first 100."""
+  k = guidance.num_classes(config)
+  if labels is not None and int(config.sampling.get('class_label', -1)) < 0:
+    image_lib.save_grid(grid_by_class(images, labels, k), path, nrow=10)
+  else:
+    image_lib.save_grid(images[:100], path)
 
 
 def sample(config, workdir: str) -> dict:
   """``--mode sample``: ``config.sampling.num_samples`` samples of the latest checkpoint.
 
   Writes ``workdir/samples/samples_<sampler>_<steps>.npz`` (uint8 NHWC, key
-  ``images``) and a PNG grid of the first <= 100 images next to it; prints and
+  ``images``; a class-conditional model adds int32 ``labels`` and
+  :func:`conditioning_tag` to the name) and a PNG grid
+  next to it (the first <= 100 images, or one class per row when the labels
+  are random, :func:`save_samples_grid`); prints and
   returns both paths (dict keys ``npz`` and ``png``) and the checkpoint ``step``.
   """
   workdir = rt.workdir_path(workdir)
   model, schedule, _, step, params = rt.restore_for_eval(config, workdir)
   name, steps = sampler_name_and_steps(config)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_SAMPLE)
-  images = generate_samples(config, schedule, rt.apply_fn_for(model), params, rng,
-                            int(config.sampling.num_samples),
-                            desc=f'{name} sampling ({steps} steps)')
-  npz = rt.join(workdir, 'samples', f'samples_{name}_{steps}.npz')
-  png = rt.join(workdir, 'samples', f'samples_{name}_{steps}.png')
-  rt.save_npz(npz, images=images)
+  images, labels = generate_labeled_samples(config, schedule, rt.apply_fn_for(model), params,
+                                            rng, int(config.sampling.num_samples),
+                                            desc=f'{name} sampling ({steps} steps)')
+  stem = f'samples_{name}_{steps}{conditioning_tag(config)}'
+  npz = rt.join(workdir, 'samples', f'{stem}.npz')
+  png = rt.join(workdir, 'samples', f'{stem}.png')
+  rt.save_npz(npz, images=images, **({} if labels is None else {'labels': labels}))
   if rt.is_main():
-    image_lib.save_grid(images[:100], png)
+    save_samples_grid(config, images, labels, png)
   rt.say(f'Wrote {len(images)} samples ({name}, {steps} steps) of checkpoint step {step}:\n'
          f'  {npz}\n  {png}')
   return dict(npz=npz, png=png, step=step)
@@ -103,22 +151,45 @@ def parse_sample_sets(spec: str, num_timesteps: int) -> list[tuple[str, str, int
   return out
 
 
+def conditioning_tag(config) -> str:
+  """``''`` unconditional; else ``'_w<guidance_scale>'`` (+ ``'_y<class_label>'`` for a fixed class)."""
+  if not guidance.num_classes(config):
+    return ''
+  label = int(config.sampling.get('class_label', -1))
+  w = float(config.sampling.get('guidance_scale', 0.0))
+  return f'_w{w:g}' + (f'_y{label}' if label >= 0 else '')
+
+
 def sample_set(config, workdir: str, schedule: Schedule, apply_fn: rt.ApplyFn, params, step: int,
                label: str, sampler: str, steps: int, num: int) -> np.ndarray:
   """``num`` uint8 samples of one sample set, cached in ``eval/samples_<label>_step<step>.npz``."""
-  path = rt.join(workdir, 'eval', f'samples_{label}_step{step}.npz')
+  return labeled_sample_set(config, workdir, schedule, apply_fn, params, step, label, sampler,
+                            steps, num)[0]
+
+
+def labeled_sample_set(config, workdir: str, schedule: Schedule, apply_fn: rt.ApplyFn, params,
+                       step: int, label: str, sampler: str, steps: int, num: int):
+  """(images, labels or None) of :func:`sample_set`.
+
+  A class-conditional config's cache name carries :func:`conditioning_tag`
+  (``eval/samples_<label>_w<w>[_y<k>]_step<step>.npz``, with ``labels``).
+  """
+  name = label + conditioning_tag(config)
+  path = rt.join(workdir, 'eval', f'samples_{name}_step{step}.npz')
+  conditional = guidance.num_classes(config) > 0
   if rt.cached(path):
-    images = rt.load_npz(path)['images']
-    if images.shape[0] >= num:
-      rt.say(f'  {label}: reusing {path}')
-      return images[:num]
+    cached = rt.load_npz(path)
+    if cached['images'].shape[0] >= num and (not conditional or 'labels' in cached):
+      rt.say(f'  {name}: reusing {path}')
+      return cached['images'][:num], (cached['labels'][:num] if conditional else None)
   cfg = config.copy_and_resolve_references()
   cfg.sampling.sampler = sampler
   cfg.sampling.num_steps = steps
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_SETS),
                            sampling.SAMPLERS.index(sampler) * 100_000 + steps)
-  images = generate_samples(cfg, schedule, apply_fn, params, rng, num, desc=f'  {label}')
-  rt.save_npz(path, images=images)
+  images, labels = generate_labeled_samples(cfg, schedule, apply_fn, params, rng, num,
+                                            desc=f'  {name}')
+  rt.save_npz(path, images=images, **({} if labels is None else {'labels': labels}))
   if rt.is_main():
-    image_lib.save_grid(images[:100], rt.join(workdir, 'eval', f'samples_{label}.png'))
-  return images
+    save_samples_grid(config, images, labels, rt.join(workdir, 'eval', f'samples_{name}.png'))
+  return images, labels

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion
+from diffusion_jax import guidance
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedule import Schedule, schedule_from_betas
 
@@ -380,35 +381,54 @@ def sample_shape(config, batch_size: int):
 
 def make_sampler(config, s: Schedule, apply_fn: Any, *, batch_size: Optional[int] = None,
                  devices=None) -> Callable:
-  """A ``jax.jit``-ed ``(params, rng) -> samples [batch, H, W, C]`` for a config.
+  """A ``jax.jit``-ed ``(params, rng, y=None) -> samples [batch, H, W, C]`` for a config.
 
-  ``apply_fn`` is ``(params, x_t, t) -> output`` or a Flax module (then called as
-  ``module.apply(params, x_t, t, train=False)``). ``batch_size`` defaults to
+  ``apply_fn`` is ``(params, x_t, t) -> output`` (``(params, x_t, t, y)`` for a
+  class-conditional config) or a Flax module (then called as
+  ``module.apply(params, x_t, t, y=y, train=False)``). ``batch_size`` defaults to
   ``config.sampling.batch_size``. When the batch divides evenly over ``devices``
-  (default ``jax.devices()``), x_T and every step of the chain are sharded on the
-  batch axis with ``NamedSharding(Mesh(devices, ('data',)), P('data'))``; params
-  and rng are replicated. The whole chain is a scan inside the jit, so the
+  (default ``jax.devices()``), x_T, the labels and every step of the chain are
+  sharded on the batch axis with ``NamedSharding(Mesh(devices, ('data',)), P('data'))``;
+  params and rng are replicated. The whole chain is a scan inside the jit, so the
   function compiles once (per params structure) and never per step.
+
+  Class-conditional configs (``model.num_classes > 0``): ``y`` int32 ``[batch]``
+  (default :func:`guidance.labels_from_config` of ``rng``), guided with
+  ``sampling.guidance_scale`` (:func:`guidance.model_fn_from_config`).
   """
+  conditional = guidance.num_classes(config) > 0
   if isinstance(apply_fn, nn.Module):
     module = apply_fn
-    apply_fn = lambda params, x, t: module.apply(params, x, t, train=False)
+    if conditional:
+      apply_fn = lambda params, x, t, y: module.apply(params, x, t, y=y, train=False)
+    else:
+      apply_fn = lambda params, x, t: module.apply(params, x, t, train=False)
   batch = int(batch_size if batch_size is not None else config.sampling.batch_size)
   shape = sample_shape(config, batch)
   devices = list(jax.devices() if devices is None else devices)
 
-  def sample(params, rng):
-    return sample_from_config(config, s, lambda x, t: apply_fn(params, x, t), rng, shape)
+  def run(params, rng, y, x_T=None):
+    model_fn = guidance.model_fn_from_config(config, apply_fn, params, y)
+    return sample_from_config(config, s, model_fn, rng, shape, x_T=x_T)
+
+  def with_labels(jitted):
+    """Unconditional: ``jitted(params, rng)``; conditional: ``y`` defaults to the config's labels."""
+    if not conditional:
+      return jitted
+    return lambda params, rng, y=None: jitted(
+        params, rng, guidance.labels_from_config(config, rng, batch) if y is None else y)
 
   if batch % len(devices):
-    return jax.jit(sample)
+    return with_labels(jax.jit(lambda params, rng, y=None: run(params, rng, y)))
   mesh = Mesh(np.asarray(devices), ('data',))
   data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 
-  def sharded_sample(params, rng):
+  def sharded_sample(params, rng, y=None):
     x_T, _ = _init(rng, shape, None)   # the same x_T the sampler would draw
     x_T = jax.lax.with_sharding_constraint(x_T, data)
-    return sample_from_config(config, s, lambda x, t: apply_fn(params, x, t), rng, shape,
-                              x_T=x_T)
+    return run(params, rng, y, x_T=x_T)
 
-  return jax.jit(sharded_sample, in_shardings=(replicated, replicated), out_shardings=data)
+  if not conditional:
+    return jax.jit(sharded_sample, in_shardings=(replicated, replicated), out_shardings=data)
+  return with_labels(jax.jit(sharded_sample, in_shardings=(replicated, replicated, data),
+                             out_shardings=data))

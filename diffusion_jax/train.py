@@ -33,6 +33,7 @@ from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
+from diffusion_jax import guidance
 from diffusion_jax import images as image_lib
 from diffusion_jax import models
 from diffusion_jax import sampling
@@ -96,10 +97,26 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
                     opt_state=optimizer.init(params), rng=state_rng, loss_history=history)
 
 
-def model_fn_for(model, params, *, train: bool = False, dropout_rng=None):
-  """Closes a Flax module over its parameters: the ``model_fn(x_t, t)`` of DESIGN.md."""
+def model_fn_for(model, params, *, train: bool = False, dropout_rng=None, y=None):
+  """Closes a Flax module over its parameters (and labels ``y``): the ``model_fn(x_t, t)`` of DESIGN.md."""
   rngs = {'dropout': dropout_rng} if train else None
-  return lambda x_t, t: model.apply({'params': params}, x_t, t, train=train, rngs=rngs)
+  if y is None:
+    return lambda x_t, t: model.apply({'params': params}, x_t, t, train=train, rngs=rngs)
+  return lambda x_t, t: model.apply({'params': params}, x_t, t, y=y, train=train, rngs=rngs)
+
+
+def training_labels(config, batch, rng):
+  """The labels a step trains on: ``batch['label']`` with class dropout, or None (unconditional).
+
+  Dropout (``model.class_dropout``, Ho & Salimans 2022 Algorithm 1) is drawn from
+  ``rng``, a key of the step, for the global batch like t and the noise.
+  """
+  k = guidance.num_classes(config)
+  if not k:
+    return None
+  if 'label' not in batch:
+    raise ValueError('model.num_classes > 0 but the batch has no labels.')
+  return guidance.drop_labels(rng, batch['label'], k, config.model.get('class_dropout', 0.0))
 
 
 # --- the step -------------------------------------------------------------------------
@@ -123,7 +140,9 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   """One optimiser step on a global batch; returns (new state, metrics).
 
   Loss: ``diffusion.training_losses`` (L_simple, eq. 14 by default) at t drawn
-  uniformly (or by importance for L_vlb), averaged over the batch. A non-finite
+  uniformly (or by importance for L_vlb), averaged over the batch; a
+  class-conditional model sees ``batch['label']`` with class dropout
+  (:func:`training_labels`). A non-finite
   loss or gradient leaves the state unchanged and reports ``finite = 0``.
   """
   d = config.diffusion
@@ -133,9 +152,10 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   t, weights = timestep_sampler.sample_timesteps(t_rng, x0.shape[0], d.num_timesteps,
                                                  state.loss_history)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  y = training_labels(config, batch, jax.random.fold_in(rng, guidance.RNG_LABELS))
 
   def loss_fn(params):
-    model_fn = model_fn_for(model, params, train=True, dropout_rng=dropout_rng)
+    model_fn = model_fn_for(model, params, train=True, dropout_rng=dropout_rng, y=y)
     terms = diffusion.training_losses(schedule, model_fn, x0, t, noise, mean_type=d.mean_type,
                                       var_type=d.var_type, loss_type=d.loss_type,
                                       hybrid_lambda=d.hybrid_lambda)
@@ -197,10 +217,35 @@ def next_batches(it, num: int, sharding: NamedSharding):
 
 
 def make_sample_fn(config, model, schedule, num_samples: int):
-  """Jitted ``(params, rng) -> images`` with the configured sampler, batch-sharded when possible."""
-  apply_fn = lambda variables, x, t: model.apply(variables, x, t, train=False)
+  """Jitted ``(params, rng) -> images`` with the configured sampler, batch-sharded when possible.
+
+  A class-conditional model draws the labels of :func:`grid_labels` (one class
+  per row of the grid).
+  """
+  apply_fn = lambda variables, x, t, y=None: model.apply(variables, x, t, y=y, train=False)
   sampler = sampling.make_sampler(config, schedule, apply_fn, batch_size=num_samples)
-  return lambda params, rng: sampler({'params': params}, rng)
+  y = grid_labels(config, num_samples)
+  return lambda params, rng: sampler({'params': params}, rng, y)
+
+
+def grid_row_length(config, num: int) -> Optional[int]:
+  """Images per row of a training-time sample grid: ``num // num_classes`` (None: square)."""
+  k = guidance.num_classes(config)
+  return max(1, num // k) if k else None
+
+
+def grid_labels(config, num: int):
+  """Labels of a training-time sample grid, one class per row (or all ``sampling.class_label``).
+
+  None for an unconditional model.
+  """
+  k = guidance.num_classes(config)
+  if not k:
+    return None
+  label = int(config.sampling.get('class_label', -1))
+  if label >= 0:
+    return np.full(num, label, np.int32)
+  return (np.arange(num, dtype=np.int32) // grid_row_length(config, num)) % k
 
 
 def to_host(x) -> np.ndarray:
@@ -211,12 +256,12 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def save_sample_grid(sample_fn, params, rng, path) -> Optional[str]:
+def save_sample_grid(sample_fn, params, rng, path, nrow=None) -> Optional[str]:
   """Samples with ``sample_fn`` and writes the PNG grid (from process 0 only)."""
   images = to_host(sample_fn(params, rng))
   if jax.process_index() != 0:
     return None
-  return image_lib.save_grid(images, path)
+  return image_lib.save_grid(images, path, nrow=nrow)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -452,7 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
         save(step)
       if boundary(tr.sample_every_steps) and not stop:
         path = samples_dir / f'samples_{step:08d}.png'
-        save_sample_grid(sample_fn, state.ema_params, sample_rng, path)
+        save_sample_grid(sample_fn, state.ema_params, sample_rng, path,
+                         nrow=grid_row_length(config, tr.num_sample_images))
         if is_main:
           tqdm.write(f'step {step}: wrote {path}')
       if stop:

@@ -54,6 +54,8 @@ class UNet(nn.Module):
     conv_impl: ``layers.CONV_IMPLS`` (how 3x3 convolutions are computed; the
       same arithmetic and parameters whichever is chosen).
     attention_impl: ``layers.ATTENTION_IMPLS``.
+    num_classes: 0 (unconditional) or the number of classes of a
+      class-conditional model (:meth:`_class_embedding`).
   """
   ch: int = 128
   out_ch: int = 3
@@ -67,14 +69,19 @@ class UNet(nn.Module):
   remat: bool = False
   conv_impl: str = 'auto'
   attention_impl: str = 'auto'
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
-    """Predicts the model output for noisy images ``x`` at steps ``t``.
+  def __call__(self, x, t, y=None, train: bool = False):
+    """Predicts the model output for noisy images ``x`` at steps ``t`` (and labels ``y``).
 
     Args:
       x: ``[B, H, W, C]`` images in [-1, 1] (NHWC).
       t: ``[B]`` int32 zero-based timesteps (a scalar is broadcast).
+      y: class-conditional models (``num_classes > 0``) only: ``[B]`` int32
+        labels in ``[0, num_classes]``, ``num_classes`` being the "no label"
+        token of classifier-free guidance (Ho & Salimans 2022); ``None`` is
+        "no label" for every example.
       train: enables dropout (needs ``rngs={'dropout': key}``).
 
     Returns:
@@ -108,6 +115,8 @@ class UNet(nn.Module):
         name=name)
 
     temb = layers.TimestepEmbedding(self.ch, dtype=dtype, name='temb')(t)
+    if self.num_classes > 0 or y is not None:
+      temb = temb + self._class_embedding(y, b, temb.dtype)
 
     # Downsampling.
     conv = functools.partial(layers._conv, dtype=dtype, impl=self.conv_impl)
@@ -148,3 +157,20 @@ class UNet(nn.Module):
                                    name='norm_out'))
     h = conv(self.out_ch, name='conv_out', init_scale=0.0)(h)
     return h.astype(jnp.float32)
+
+  def _class_embedding(self, y, batch: int, dtype):
+    """The learned embedding of labels ``y``, added to the timestep embedding.
+
+    improved-diffusion's placement (Nichol & Dhariwal 2021, ``UNetModel``:
+    ``emb = time_embed(t) + label_emb(y)``), with ``num_classes + 1`` rows so that
+    the last one is classifier-free guidance's null label (Ho & Salimans 2022, §3.2).
+    """
+    if self.num_classes <= 0:
+      if y is not None:
+        raise ValueError('labels y were given to an unconditional model (model.num_classes=0).')
+    if y is None:
+      y = jnp.full((batch,), self.num_classes, jnp.int32)
+    y = jnp.asarray(y)
+    if y.shape != (batch,):
+      raise ValueError(f'y must have shape [B]=({batch},), got {y.shape}.')
+    return nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dtype, name='label_emb')(y)
