@@ -166,7 +166,7 @@ def _kill_at(proc, workdir, *, in_save: bool, rng: random.Random):
 def _all_checkpoints(workdir) -> dict:
   """{step: restored items} of every checkpoint on disk (raises if one is unreadable)."""
   with ckpt.create_manager(str(workdir), read_only=True) as manager:
-    return {step: jax.device_get(manager.restore(step)) for step in manager.all_steps()}
+    return {step: jax.device_get(dict(manager.restore(step))) for step in manager.all_steps()}
 
 
 @pytest.mark.slow
