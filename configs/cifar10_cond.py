@@ -24,4 +24,5 @@ def get_config():
   config.model.class_dropout = 0.1    # Ho & Salimans 2022: p_uncond = 0.1
   config.sampling.class_label = -1
   config.sampling.guidance_scale = 0.3   # Ho & Salimans 2022, Table 1: best FID near w = 0.3
+  config.eval.parts = 'bpd,rd,figures,fid,classifier,guidance'   # + the curve over eval.guidance_scales
   return config

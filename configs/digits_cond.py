@@ -20,4 +20,5 @@ def get_config():
   config.model.class_dropout = 0.1    # Ho & Salimans 2022: p_uncond = 0.1
   config.sampling.class_label = -1    # uniform random labels, one class per grid row
   config.sampling.guidance_scale = 1.0
+  config.eval.parts = 'bpd,rd,figures,fid,classifier,guidance'   # + the curve over eval.guidance_scales
   return config
