@@ -61,19 +61,19 @@ def guided_model_fn(cond_model_fn: CondModelFn, y, num_classes: int, w: float):
   """``model_fn(x_t, t)`` of the guided model for labels ``y`` [B] (eq. 6).
 
   ``w = 0`` (a Python number) is the conditional model itself, one call per
-  step. Otherwise the batch is doubled, ``[x_t, x_t]`` with labels
-  ``[y, ∅]``, so both halves of the formula come from one model call.
+  step. Otherwise the model is ``jax.vmap``-ed over the label pair
+  ``(y, ∅)``: one model call on a doubled batch gives both halves of the
+  formula (the layers before the label embedding enters, which see only x_t
+  and t, are computed once), and the batch axis of x_t keeps its sharding.
   """
   y = jnp.asarray(y, jnp.int32)
   if isinstance(w, (int, float)) and w == 0:
     return lambda x, t: cond_model_fn(x, t, y)
 
   def model_fn(x, t):
-    b = x.shape[0]
-    null = jnp.full_like(y, num_classes)
-    out = cond_model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                        jnp.concatenate([y, null]))
-    return guided_output(out[:b], out[b:], w, x.shape[-1])
+    labels = jnp.stack([y, jnp.full_like(y, num_classes)])
+    cond, uncond = jax.vmap(lambda yy: cond_model_fn(x, t, yy))(labels)
+    return guided_output(cond, uncond, w, x.shape[-1])
 
   return model_fn
 
