@@ -225,6 +225,8 @@ def make_sample_fn(config, model, schedule, num_samples: int):
   apply_fn = lambda variables, x, t, y=None: model.apply(variables, x, t, y=y, train=False)
   sampler = sampling.make_sampler(config, schedule, apply_fn, batch_size=num_samples)
   y = grid_labels(config, num_samples)
+  if y is None:
+    return lambda params, rng: sampler({'params': params}, rng)
   return lambda params, rng: sampler({'params': params}, rng, y)
 
 

@@ -88,14 +88,16 @@ def test_num_classes_zero_is_bit_identical():
                                        'label': jnp.zeros((1, 16), jnp.int32)})
   for x, y in zip(jax.tree.leaves(jax.device_get((a, ma))), jax.tree.leaves(jax.device_get((b, mb)))):
     np.testing.assert_array_equal(x, y)
-  # The sampler of an unconditional config is the plain model_fn (no label stream).
+  # The samplers of an unconditional config run the plain model_fn (no label stream).
   apply_fn = lambda p, x, t: model.apply({'params': p}, x, t)   # noqa: E731
   f = sampling.make_sampler(config, schedule, apply_fn, batch_size=4)
   direct = jax.jit(lambda p, rng: sampling.sample_from_config(
       config, schedule, lambda x, t: apply_fn(p, x, t), rng, (4, 8, 8, 1)))
   params = _random_params(s0.params)
-  np.testing.assert_array_equal(f(params, jax.random.PRNGKey(3)),
-                                direct(params, jax.random.PRNGKey(3)))
+  expected = direct(params, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(f(params, jax.random.PRNGKey(3)), expected)
+  grid_fn = train.make_sample_fn(config, model, schedule, 4)   # the training-time grid
+  np.testing.assert_array_equal(grid_fn(params, jax.random.PRNGKey(3)), expected)
 
 
 # --- guidance ------------------------------------------------------------------------
