@@ -122,6 +122,15 @@ def save_figure(fig, path) -> None:
   write_bytes(path, buf.getvalue())
 
 
+def save_titled_figure(fig, path, title: str) -> None:
+  """Adds the title, lays the figure out, saves it as a PNG (process 0) and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.suptitle(title)
+  fig.tight_layout()
+  save_figure(fig, path)
+  plt.close(fig)
+
+
 def cached(path) -> bool:
   """Whether a cached file may be reused: it exists and this is a single-process run.
 

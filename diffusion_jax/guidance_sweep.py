@@ -99,8 +99,6 @@ def write_guidance_curve(rows: list[dict], eval_dir: str) -> tuple[str, str]:
     ax.plot(ws, [r.get(c, float('nan')) for r in rows], 'o-')
     ax.set(xlabel='guidance scale w', ylabel=c)
     ax.grid(alpha=0.3)
-  fig.suptitle('Classifier-free guidance: fidelity vs diversity (Ho & Salimans 2022)')
-  fig.tight_layout()
-  rt.save_figure(fig, png_path)
-  plt.close(fig)
+  rt.save_titled_figure(fig, png_path,
+                        'Classifier-free guidance: fidelity vs diversity (Ho & Salimans 2022)')
   return csv_path, png_path

@@ -85,8 +85,5 @@ def write_rate_distortion(rd: dict, eval_dir: str) -> tuple[str, str]:
   axes[2].set(xlabel='Rate (bits/dim)', ylabel='Distortion (RMSE [0, 255])')
   for ax in axes:
     ax.grid(alpha=0.3)
-  fig.suptitle('Progressive lossy decompression (DDPM §4.3, Fig. 5)')
-  fig.tight_layout()
-  rt.save_figure(fig, png_path)
-  plt.close(fig)
+  rt.save_titled_figure(fig, png_path, 'Progressive lossy decompression (DDPM §4.3, Fig. 5)')
   return csv_path, png_path
