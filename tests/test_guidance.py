@@ -353,3 +353,27 @@ def test_guidance_scales_and_csv(tmp_path):
   lines = open(csv_path).read().splitlines()
   assert lines[0].split(',') == list(guidance_sweep.COLUMNS)
   assert lines[2].split(',')[:3] == ['2', '8', '0.875'] and os.path.getsize(png_path) > 0
+
+
+def test_bits_per_dim_of_a_conditional_model_uses_the_true_labels():
+  from diffusion_jax import bits_per_dim, diffusion
+  config = cond_config()
+  model, params = _init(config)
+  params = _random_params(params)
+  s = make_schedule('linear', 20)
+  images = bits_per_dim.eval_images(config, 4)
+  labels = bits_per_dim.eval_labels(config, 4)
+  np.testing.assert_array_equal(labels, data_lib.load_labels(config, 'test')[:4])
+  apply_fn = lambda p, x, t, y=None: model.apply({'params': p}, x, t, y=y)   # noqa: E731
+  rng = jax.random.PRNGKey(8)
+  got = bits_per_dim.bpd_eval(config, s, apply_fn, params, images, rng, labels=labels,
+                              progress=False)
+  want = diffusion.calc_bpd_loop(s, lambda x, t: apply_fn(params, x, t, jnp.asarray(labels)),
+                                 jnp.asarray(images), jax.random.fold_in(rng, 0),
+                                 mean_type='eps', var_type='fixed_large')
+  np.testing.assert_allclose(got['total_bpd'], want['total_bpd'], rtol=1e-5)
+  other = bits_per_dim.bpd_eval(config, s, apply_fn, params, images, rng,
+                                labels=(labels + 1) % 10, progress=False)
+  assert np.abs(other['total_bpd'] - got['total_bpd']).max() > 1e-4
+  with pytest.raises(ValueError, match='needs labels exactly for a class-conditional model'):
+    bits_per_dim.bpd_eval(config, s, apply_fn, params, images, rng, progress=False)
