@@ -467,48 +467,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   bar = tqdm(total=tr.num_train_steps, initial=start, disable=not is_main, unit='step',
              dynamic_ncols=True)
   step, calls = start, 0
-  with _Preemption(manager, multi_host=jax.process_count() > 1) as preempt:
-    while step < tr.num_train_steps:
-      n = min(k, tr.num_train_steps - step)
-      batches = next_batches(train_iter, n, batch_sharding)
-      if n != k:  # a shorter tail compiles one more variant; only at the very end
-        logging.info('Final call with %d steps.', n)
-      state, metrics = train_fn(state, batches)
-      step += n
-      pending.append(metrics)
-      bar.update(n)
-      boundary = lambda every: step % every == 0 or step == tr.num_train_steps
-      stop = preempt.should_stop(calls)
-      calls += 1
-      if boundary(tr.log_every_steps) or boundary(tr.checkpoint_every_steps) or stop:
-        flushed = _flush_metrics(pending)
-        pending = []
-        _check_finite(flushed, step)
-        history.extend(flushed)   # every step since the last log line
-        if boundary(tr.log_every_steps) or stop:
-          summary = _summarise(history)
-          history = []
-          now = time.time()
-          summary['images_per_sec'] = (step - step_last) * tr.batch_size / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
-          writer.write(step, summary)
-          bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                          img_s=f"{summary['images_per_sec']:.0f}")
-          logging.info('step %d: %s', step, json.dumps({k_: round(v, 6) for k_, v in summary.items()}))
-      if boundary(tr.checkpoint_every_steps) or stop:
-        save(step)
-      if boundary(tr.sample_every_steps) and not stop:
-        path = samples_dir / f'samples_{step:08d}.png'
-        save_sample_grid(sample_fn, state.ema_params, sample_rng, path,
-                         nrow=grid_row_length(config, tr.num_sample_images))
-        if is_main:
-          tqdm.write(f'step {step}: wrote {path}')
-      if stop:
-        break
-  bar.close()
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  try:
+    with _Preemption(manager, multi_host=jax.process_count() > 1) as preempt:
+      while step < tr.num_train_steps:
+        n = min(k, tr.num_train_steps - step)
+        batches = next_batches(train_iter, n, batch_sharding)
+        if n != k:  # a shorter tail compiles one more variant; only at the very end
+          logging.info('Final call with %d steps.', n)
+        state, metrics = train_fn(state, batches)
+        step += n
+        pending.append(metrics)
+        bar.update(n)
+        boundary = lambda every: step % every == 0 or step == tr.num_train_steps
+        stop = preempt.should_stop(calls)
+        calls += 1
+        if boundary(tr.log_every_steps) or boundary(tr.checkpoint_every_steps) or stop:
+          flushed = _flush_metrics(pending)
+          pending = []
+          _check_finite(flushed, step)
+          history.extend(flushed)   # every step since the last log line
+          if boundary(tr.log_every_steps) or stop:
+            summary = _summarise(history)
+            history = []
+            now = time.time()
+            summary['images_per_sec'] = (step - step_last) * tr.batch_size / max(now - t_last, 1e-9)
+            t_last, step_last = now, step
+            writer.write(step, summary)
+            bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                            img_s=f"{summary['images_per_sec']:.0f}")
+            logging.info('step %d: %s', step, json.dumps({k_: round(v, 6) for k_, v in summary.items()}))
+        if boundary(tr.checkpoint_every_steps) or stop:
+          save(step)
+        if boundary(tr.sample_every_steps) and not stop:
+          path = samples_dir / f'samples_{step:08d}.png'
+          save_sample_grid(sample_fn, state.ema_params, sample_rng, path,
+                           nrow=grid_row_length(config, tr.num_sample_images))
+          if is_main:
+            tqdm.write(f'step {step}: wrote {path}')
+        if stop:
+          break
+  finally:   # also on an error: the asynchronous save in flight is completed, never lost
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   say(f'Outputs in {workdir}:\n  checkpoints: {ckpt.checkpoint_dir(workdir)}\n'
       f'  samples:     {samples_dir}\n  tensorboard: {workdir / "tensorboard"}\n'
       f'  config:      {workdir / workdir_lib.CONFIG_FILE}')

@@ -202,3 +202,36 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pat
   assert len(leaves_a) == len(leaves_b) > 100   # params, EMA, Adam moments, step, RNG
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=0)
+
+
+# --- an error after a save ------------------------------------------------------------------
+
+_FAIL_AFTER_SAVE = """
+import sys
+from diffusion_jax import train
+from test_train import tiny_config
+
+def broken_sampler(*args, **kwargs):
+  raise RuntimeError('sampling failed on purpose')
+
+train.save_sample_grid = broken_sampler
+config = tiny_config(**{'training.num_train_steps': 4, 'training.checkpoint_every_steps': 2,
+                        'training.log_every_steps': 2, 'training.sample_every_steps': 2})
+train.train_and_evaluate(config, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_an_error_right_after_a_save_still_completes_that_checkpoint(tmp_path):
+  """The loop raises while the asynchronous save of step 2 is in flight; the process exits
+  with the error, and checkpoint 2 is complete and readable (not cut off at interpreter exit)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.run([sys.executable, '-c', _FAIL_AFTER_SAVE, str(tmp_path)], env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+  assert proc.returncode == 1 and 'sampling failed on purpose' in proc.stdout, proc.stdout
+  assert 'Event loop is closed' not in proc.stdout and 'interpreter shutdown' not in proc.stdout
+  restored = _all_checkpoints(tmp_path)
+  assert list(restored) == [2]
+  assert restored[2]['data'] == {'next_index': 2}
+  assert int(restored[2]['state']['step']) == 2
