@@ -31,9 +31,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from diffusion_jax import data as data_lib
 from diffusion_jax import host
 from diffusion_jax import interop
 from diffusion_jax import models
@@ -58,7 +59,10 @@ class Ours:
     self.fn = train.make_train_fn(config, self.model, self.schedule, optimizer, mesh)
     shape = (1, config.training.batch_size) + train.image_shape(config)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-    self.batch = {'image': jnp.asarray(x)}
+    # Placed once, batch-sharded, as train.next_batches places each batch (the
+    # peer's batch is likewise made once on its device): a single-device array
+    # would be resharded in every call, and the devices would start apart.
+    self.batch = data_lib.shard_batch({'image': x}, NamedSharding(mesh, P(None, 'data')))
     self.params = models.count_params(self.state.params)
 
   def compile(self) -> tuple[float, float]:
@@ -230,7 +234,7 @@ def main():
     config.training.batch_size = args.batch
   if args.cpu_devices is not None:
     config.training.cpu_devices = args.cpu_devices
-  host.configure_cpu(config)    # as `python -m diffusion_jax.main` does
+  host.configure_cpu_devices(config)    # as `python -m diffusion_jax.main` does
   gpu = jax.default_backend() == 'gpu'
   device = 'cuda' if gpu and torch.cuda.is_available() else 'cpu'
   dtype = args.dtype or ('bfloat16' if gpu else 'float32')

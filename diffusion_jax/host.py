@@ -14,10 +14,10 @@ off (``--xla_cpu_experimental_ynn_fusion_type=``) made the digits step about
 first 6 of 100 per device, in a sharded 200-image sampler), so it is not set:
 ``tests/test_host.py::test_two_cpu_devices_sample_what_one_device_samples``.
 
-Only the CPU backend is affected (``jax_num_cpu_devices``, ``xla_cpu_*``
-flags); on GPU and TPU hosts the accelerators are the devices either way.
-Both have to be set before JAX initialises its backends, so the entry points
-call :func:`configure_cpu` first.
+Only the CPU backend is affected (``jax_num_cpu_devices``); on GPU and TPU
+hosts the accelerators are the devices either way. The count has to be set
+before JAX initialises its backends, so the entry points call
+:func:`configure_cpu_devices` first.
 """
 
 import os
@@ -57,11 +57,6 @@ def user_set_cpu_devices() -> bool:
   flags = os.environ.get('XLA_FLAGS', '')
   return (any(s in flags for s in _USER_SETTINGS)
           or bool(os.environ.get('JAX_NUM_CPU_DEVICES')))
-
-
-def configure_cpu(config) -> int | None:
-  """Everything this module sets, before JAX starts: the CPU device count."""
-  return configure_cpu_devices(config)
 
 
 def configure_cpu_devices(config) -> int | None:

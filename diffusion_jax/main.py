@@ -167,7 +167,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   config = selected_config()
   from diffusion_jax import host  # pylint: disable=g-import-not-at-top
-  host.configure_cpu(config)   # before JAX starts its backends
+  host.configure_cpu_devices(config)   # before JAX starts its backends
   initialize_distributed(config)
   run(config, FLAGS.mode, FLAGS.workdir)
 

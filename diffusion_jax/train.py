@@ -100,8 +100,6 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
 def model_fn_for(model, params, *, train: bool = False, dropout_rng=None, y=None):
   """Closes a Flax module over its parameters (and labels ``y``): the ``model_fn(x_t, t)`` of DESIGN.md."""
   rngs = {'dropout': dropout_rng} if train else None
-  if y is None:
-    return lambda x_t, t: model.apply({'params': params}, x_t, t, train=train, rngs=rngs)
   return lambda x_t, t: model.apply({'params': params}, x_t, t, y=y, train=train, rngs=rngs)
 
 

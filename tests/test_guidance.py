@@ -73,6 +73,7 @@ def test_labels_change_the_output_and_none_is_the_null_token():
     umodel.apply({'params': uparams}, x, t, y=jnp.zeros((3,), jnp.int32))
 
 
+@pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
 def test_num_classes_zero_is_bit_identical():
   """Unconditional: the train step ignores a batch's labels bit for bit, and the data
   pipeline yields exactly today's batches (images only)."""
@@ -317,6 +318,7 @@ print('OK')
 '''
 
 
+@pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
 def test_labels_survive_sharding_over_eight_devices():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')

@@ -32,14 +32,14 @@ import jax
 from diffusion_jax import config_lib, host
 config = config_lib.digits_config()
 config.training.cpu_devices = {requested}
-set_to = host.configure_cpu(config)
+set_to = host.configure_cpu_devices(config)
 print(set_to, jax.device_count(), jax.default_backend())
 """
 
 
 @pytest.mark.parametrize('requested,want', [(0, None), (3, 3), (-1, 1)])
 def test_configure_cpu_in_a_fresh_process(requested, want):
-  """Before JAX starts, configure_cpu sets the device count; the flags it adds parse."""
+  """Before JAX starts, configure_cpu_devices sets the device count."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
   env['JAX_PLATFORMS'] = 'cpu'
   out = subprocess.run([sys.executable, '-c', _CHILD.format(requested=requested)], env=env,
@@ -55,7 +55,7 @@ from diffusion_jax import config_lib, host, models, sampling, schedule as schedu
 from diffusion_jax import eval_runtime as rt
 config = config_lib.digits_config()
 config.training.cpu_devices = 2
-host.configure_cpu(config)           # exactly what the CLI does before JAX starts
+host.configure_cpu_devices(config)           # exactly what the CLI does before JAX starts
 config.sampling.num_steps = 20
 model = models.create_model(config)
 params = model.init(jax.random.PRNGKey(1), np.zeros((1, 8, 8, 1), np.float32),

@@ -66,6 +66,7 @@ def test_cli_end_to_end_and_resume(tmp_path):
   assert '9' in os.listdir(workdir / 'checkpoints')
 
 
+@pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
 def test_sigterm_saves_a_checkpoint_and_run_resumes(tmp_path):
   workdir = tmp_path / 'run'
   flags = ['--default_config.training.num_train_steps=100000',
@@ -94,6 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_run_resumes(tmp_path):
   assert f'(step {steps[0]} of {steps[0] + 1})' in out
 
 
+@pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
 def test_resume_gives_identical_parameters(tmp_path):
   common = dict(**{'training.checkpoint_every_steps': 2, 'training.log_every_steps': 2,
                    'training.sample_every_steps': 100})
@@ -113,6 +115,7 @@ def test_resume_gives_identical_parameters(tmp_path):
   assert data_state == {'next_index': 4}
 
 
+@pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
 def test_two_runs_with_the_same_seed_are_bitwise_equal(tmp_path):
   config = tiny_config(**{'training.num_train_steps': 3, 'training.checkpoint_every_steps': 3,
                           'training.log_every_steps': 3, 'training.sample_every_steps': 100,
@@ -207,6 +210,7 @@ def test_ema_and_warmup():
                                                     jax.tree.leaves(jax.device_get(state.params))))
 
 
+@pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
 def test_steps_per_call_scan_matches_single_steps():
   config = tiny_config()
   model, schedule, optimizer, mesh, state = train.setup(config)

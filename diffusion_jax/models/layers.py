@@ -84,18 +84,19 @@ def _dense(features, *, name, dtype, init_scale=1.0):
 CONV_IMPLS = ('auto', 'xla', 'matmul')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 
-
-def check_impl(field: str, impl: str, allowed: Sequence[str]) -> str:
-  """``impl`` if it is one of ``allowed``, else a ValueError naming ``model.<field>``."""
-  if impl not in allowed:
-    raise ValueError(f'Unknown model.{field}={impl!r}; allowed values: {tuple(allowed)}.')
-  return impl
 # On the CPU, layers whose output has at most this many positions use the
 # matmul form (XLA:CPU's convolution is up to 15x slower than the same
 # arithmetic as a matmul at 2x2 and 4x4; benchmarks/bench_peer.py).
 CPU_MATMUL_MAX_POSITIONS = 16
 # At most this many input positions: one dense (Toeplitz) matrix; else im2col.
 TOEPLITZ_MAX_POSITIONS = 4
+
+
+def check_impl(field: str, impl: str, allowed: Sequence[str]) -> str:
+  """``impl`` if it is one of ``allowed``, else a ValueError naming ``model.<field>``."""
+  if impl not in allowed:
+    raise ValueError(f'Unknown model.{field}={impl!r}; allowed values: {tuple(allowed)}.')
+  return impl
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
