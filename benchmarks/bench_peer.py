@@ -31,7 +31,6 @@ import statistics
 import time
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from diffusion_jax import data as data_lib
@@ -62,7 +61,7 @@ class Ours:
     # Placed once, batch-sharded, as train.next_batches places each batch (the
     # peer's batch is likewise made once on its device): a single-device array
     # would be resharded in every call, and the devices would start apart.
-    self.batch = data_lib.shard_batch({'image': x}, NamedSharding(mesh, P(None, 'data')))
+    self.batch = data_lib.shard_batch({'image': x}, train.batch_sharding(mesh))
     self.params = models.count_params(self.state.params)
 
   def compile(self) -> tuple[float, float]:

@@ -201,7 +201,7 @@ def abstract_inputs(config, model, optimizer, mesh):
   shape = ((config.training.steps_per_call, config.training.batch_size)
            + train.image_shape(config))
   batches = {'image': jax.ShapeDtypeStruct(shape, jnp.float32,
-                                           sharding=NamedSharding(mesh, P(None, 'data')))}
+                                           sharding=train.batch_sharding(mesh))}
   return state, batches
 
 

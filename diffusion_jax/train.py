@@ -180,6 +180,11 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   return new_state, metrics
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Stacked batches [steps_per_call, global_batch, ...]: split along the batch axis over ``data``."""
+  return NamedSharding(mesh, P(None, 'data'))
+
+
 def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
   """``jax.jit`` of ``steps_per_call`` train steps (an unrolled ``lax.scan``) over stacked batches.
 
@@ -199,8 +204,7 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
     return jax.lax.scan(step, state, batches, unroll=True)
 
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(None, 'data'))
-  return jax.jit(train_fn, in_shardings=(replicated, batch_sharding),
+  return jax.jit(train_fn, in_shardings=(replicated, batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
@@ -447,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   start = int(state.step)
 
   train_fn = make_train_fn(config, model, schedule, optimizer, mesh)
-  batch_sharding = NamedSharding(mesh, P(None, 'data'))
+  batches_sharding = batch_sharding(mesh)
   sample_fn = make_sample_fn(config, model, schedule, tr.num_sample_images)
   sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A17)
   writer = _MetricWriter(workdir / 'tensorboard')
@@ -469,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     with _Preemption(manager, multi_host=jax.process_count() > 1) as preempt:
       while step < tr.num_train_steps:
         n = min(k, tr.num_train_steps - step)
-        batches = next_batches(train_iter, n, batch_sharding)
+        batches = next_batches(train_iter, n, batches_sharding)
         if n != k:  # a shorter tail compiles one more variant; only at the very end
           logging.info('Final call with %d steps.', n)
         state, metrics = train_fn(state, batches)
