@@ -21,11 +21,12 @@ REFUSAL = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory requi
            'temporaries (32.59G) exceeds available HBM (15.75G)')
 
 
-def _cli(*args, prelude=''):
+def _cli(*args, prelude='', drop_env=()):
   """Runs the command as a user would (optionally after ``prelude`` Python code)."""
   code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["aot"] + {list(args)!r}\n'
           'runpy.run_module("diffusion_jax.aot", run_name="__main__")')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = {k: v for k, v in os.environ.items() if k not in drop_env}
+  env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                         timeout=1200)
 
@@ -95,8 +96,10 @@ def test_format_does_not_fit():
 
 
 def test_missing_libtpu_exits_2_with_one_line():
-  # Hides libtpu from the import system, as on a machine without the [tpu] extra.
-  r = _cli('--topology', 'v5e:2x2', prelude='import sys; sys.modules["libtpu"] = None')
+  # Hides libtpu from the import system, as on a machine without the [tpu] extra, and
+  # drops the path that loading libtpu in this test process (another test) exports.
+  r = _cli('--topology', 'v5e:2x2', prelude='import sys; sys.modules["libtpu"] = None',
+           drop_env=('TPU_LIBRARY_PATH',))
   assert r.returncode == 2, r.stderr
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert lines == ["error: libtpu is not installed: it provides the TPU compiler. "

@@ -27,6 +27,13 @@ def test_user_settings_win(monkeypatch):
   assert host.configure_cpu_devices(config_lib.digits_config()) is None
 
 
+def _fresh_cpu_env() -> dict:
+  """This environment for a child process on the CPU, minus the user's device-count settings."""
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
 _CHILD = """
 import jax
 from diffusion_jax import config_lib, host
@@ -40,8 +47,7 @@ print(set_to, jax.device_count(), jax.default_backend())
 @pytest.mark.parametrize('requested,want', [(0, None), (3, 3), (-1, 1)])
 def test_configure_cpu_in_a_fresh_process(requested, want):
   """Before JAX starts, configure_cpu_devices sets the device count."""
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = _fresh_cpu_env()
   out = subprocess.run([sys.executable, '-c', _CHILD.format(requested=requested)], env=env,
                        capture_output=True, text=True, timeout=120, check=True).stdout.split()
   expected = host.cpu_device_count(128) if want is None else want
@@ -76,8 +82,7 @@ def test_two_cpu_devices_sample_what_one_device_samples():
   on jaxlib 0.10) the first 6 images of each device's 100 came out wrong (max
   difference 2.0).
   """
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = _fresh_cpu_env()
   out = subprocess.run([sys.executable, '-c', _SAMPLER_CHILD], env=env, capture_output=True,
                        text=True, timeout=600, check=True).stdout.split()
   assert out[0] == '2'
