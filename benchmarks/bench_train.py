@@ -50,12 +50,16 @@ def main():
   p.add_argument('--batch', type=int, default=None)
   p.add_argument('--steps', type=int, default=20, help='steps timed per variant')
   p.add_argument('--scan', type=int, default=4, help='k for the lax.scan variant (0: skip)')
+  p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                 help="model.dtype (default: the config's)")
   args = p.parse_args()
   config = load_config(args.config)
   if args.batch:
     config.training.batch_size = args.batch
+  if args.dtype:
+    config.model.dtype = args.dtype
   print(f'devices: {jax.devices()}  batch {config.training.batch_size}  '
-        f'image {train.image_shape(config)}')
+        f'image {train.image_shape(config)}  {config.model.dtype}')
   variants = [1] + ([args.scan] if args.scan > 1 else [])
   base = None
   for k in variants:
