@@ -74,25 +74,8 @@ class Ours:
     return seconds, step_flops(lowered, compiled)
 
   def flops(self) -> float:
-    """FLOPs per step, from the lowered step alone (no compile)."""
+    """FLOPs per step, from the lowered step alone (before :meth:`compile`)."""
     return step_flops(self.fn.lower(self.state, self.batch))
-
-
-def step_flops(lowered, compiled=None) -> float:
-  """FLOPs of one whole (global-batch) train step.
-
-  Counted on the program as lowered, before XLA optimises it: there every
-  convolution is still an HLO convolution. The optimised GPU program hands
-  them to cuDNN as custom calls, which its cost analysis does not count (on
-  the H200 it gave 0.37 of the 4.52 TFLOP of the CIFAR-10 step). The compiled
-  count (per device, of the partitioned program) is the fallback.
-  """
-  cost = lowered.cost_analysis()
-  if cost and cost.get('flops'):
-    return float(cost['flops'])
-  cost = compiled.cost_analysis() if compiled is not None else None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get('flops', float('nan'))) * jax.device_count()
 
   def train_steps(self, n: int) -> None:
     for _ in range(n):
@@ -111,6 +94,23 @@ def step_flops(lowered, compiled=None) -> float:
     compiled = fn.lower(variables, rng).compile()
     seconds = time.perf_counter() - t0
     return (lambda: jax.block_until_ready(compiled(variables, rng))), seconds
+
+
+def step_flops(lowered, compiled=None) -> float:
+  """FLOPs of one whole (global-batch) train step.
+
+  Counted on the program as lowered, before XLA optimises it: there every
+  convolution is still an HLO convolution. The optimised GPU program hands
+  them to cuDNN as custom calls, which its cost analysis does not count (on
+  the H200 it gave 0.37 of the 4.52 TFLOP of the CIFAR-10 step). The compiled
+  count (per device, of the partitioned program) is the fallback.
+  """
+  cost = lowered.cost_analysis()
+  if cost and cost.get('flops'):
+    return float(cost['flops'])
+  cost = compiled.cost_analysis() if compiled is not None else None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', float('nan'))) * jax.device_count()
 
 
 # --- the peer -----------------------------------------------------------------------
@@ -355,8 +355,8 @@ def main():
     print(f"| {r['task']} | {r['peer']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | "
           f"{r['ours_images_per_s']:.0f} | {r['peer_images_per_s']:.0f} | "
           f"{r['speedup']:.2f}x |")
-  print(f'\nours: train-step compile {compile_s:.1f} s; sampler compiles: '
-        + ', '.join(f'{k} {v:.1f} s' for k, v in sampler_compile.items())
+  print(f'\nours: train-step compile {compile_s:.1f} s ({flops / 1e9:.1f} GFLOP per step)'
+        + ''.join(f'; {k} sampler compile {v:.1f} s' for k, v in sampler_compile.items())
         + (f'; MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s' if mfu else ''))
 
   out = dict(
