@@ -54,8 +54,8 @@ class Ours:
 
   def __init__(self, config):
     self.config = config
-    self.model, self.schedule, optimizer, mesh, self.state = train.setup(config)
-    self.fn = train.make_train_fn(config, self.model, self.schedule, optimizer, mesh)
+    self.model, self.schedule, self.optimizer, mesh, self.state = train.setup(config)
+    self.fn = train.make_train_fn(config, self.model, self.schedule, self.optimizer, mesh)
     shape = (1, config.training.batch_size) + train.image_shape(config)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     # Placed once, batch-sharded, as train.next_batches places each batch (the
@@ -64,18 +64,28 @@ class Ours:
     self.batch = data_lib.shard_batch({'image': x}, train.batch_sharding(mesh))
     self.params = models.count_params(self.state.params)
 
-  def compile(self) -> tuple[float, float]:
-    """Seconds to lower + compile the train step, and its FLOPs per step."""
+  def compile(self) -> float:
+    """Seconds to lower + compile the train step."""
     t0 = time.perf_counter()
-    lowered = self.fn.lower(self.state, self.batch)
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
-    self.fn = compiled
-    return seconds, step_flops(lowered, compiled)
+    self.fn = self.fn.lower(self.state, self.batch).compile()
+    return time.perf_counter() - t0
 
   def flops(self) -> float:
-    """FLOPs per step, from the lowered step alone (before :meth:`compile`)."""
-    return step_flops(self.fn.lower(self.state, self.batch))
+    """FLOPs of one train step on the global batch (XLA's count of the lowered step).
+
+    Counted on the step as lowered for one device, before XLA optimises it:
+    there every convolution is still an HLO convolution (the optimised GPU
+    program hands them to cuDNN as custom calls, which its cost analysis does
+    not count: on the H200 it gave 0.37 of the 4.52 TFLOP of the CIFAR-10
+    step), and no part of it is a per-device ``shard_map`` body (counted once
+    for one device's shard).
+    """
+    mesh = train.make_mesh(jax.devices()[:1])
+    fn = train.make_train_fn(self.config, self.model, self.schedule, self.optimizer, mesh)
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    cost = fn.lower(jax.tree.map(abstract, self.state),
+                    jax.tree.map(abstract, self.batch)).cost_analysis()
+    return float((cost or {}).get('flops', float('nan')))
 
   def train_steps(self, n: int) -> None:
     for _ in range(n):
@@ -94,23 +104,6 @@ class Ours:
     compiled = fn.lower(variables, rng).compile()
     seconds = time.perf_counter() - t0
     return (lambda: jax.block_until_ready(compiled(variables, rng))), seconds
-
-
-def step_flops(lowered, compiled=None) -> float:
-  """FLOPs of one whole (global-batch) train step.
-
-  Counted on the program as lowered, before XLA optimises it: there every
-  convolution is still an HLO convolution. The optimised GPU program hands
-  them to cuDNN as custom calls, which its cost analysis does not count (on
-  the H200 it gave 0.37 of the 4.52 TFLOP of the CIFAR-10 step). The compiled
-  count (per device, of the partitioned program) is the fallback.
-  """
-  cost = lowered.cost_analysis()
-  if cost and cost.get('flops'):
-    return float(cost['flops'])
-  cost = compiled.cost_analysis() if compiled is not None else None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get('flops', float('nan'))) * jax.device_count()
 
 
 # --- the peer -----------------------------------------------------------------------
@@ -236,7 +229,7 @@ def model_flops_utilisation(flops, results, device_kind):
 def recount(path: str) -> None:
   """Recounts ``flops_per_step`` and ``mfu`` of a results JSON from its config.
 
-  For JSON written before ``step_flops`` counted the lowered program (a GPU
+  For JSON written before :meth:`Ours.flops` counted the lowered program (a GPU
   run's compiled count misses the cuDNN convolutions). Lowering is the same
   on any backend, so this runs anywhere; the timings are left as measured.
   """
@@ -318,7 +311,8 @@ def main():
                        f'{peers[label].params:,}')
   print(f'parameters: {ours.params:,} on both sides', flush=True)
 
-  compile_s, flops = ours.compile()
+  flops = ours.flops()
+  compile_s = ours.compile()
   print(f'ours: train step compiled in {compile_s:.1f} s ({flops / 1e9:.1f} GFLOP per step)',
         flush=True)
   results = []

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 import flax.struct
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
@@ -134,13 +135,52 @@ def ema_decay(config, step):
   return decay
 
 
-def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, lr_fn):
+def flat_all_reduce(config, mesh: Mesh) -> bool:
+  """Whether the step sums the devices' gradients as one flat buffer (:func:`flat_all_reduce_value_and_grad`).
+
+  Only on a mesh of several CPU devices, where XLA:CPU all-reduces the
+  gradient one parameter at a time, each a rendezvous of all the devices (184
+  for the digits U-Net); one all-reduce of the whole gradient made the digits
+  step 8-13% faster (A/B in one process). Only when the model draws no random
+  numbers (``model.dropout == 0``): t, the noise and the class dropout are
+  drawn for the global batch outside, so the result is the global-batch
+  gradient, the same as the plain step up to summation order. Dropout masks
+  drawn per device would depend on the device count. On TPU and GPU, XLA's
+  own all-reduces overlap the backward pass and are kept.
+  """
+  return (mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
+          and float(config.model.dropout) == 0.0)
+
+
+def flat_all_reduce_value_and_grad(loss_fn, mesh: Mesh, params, examples):
+  """``value_and_grad`` of a loss summed over examples: per device, then one all-reduce.
+
+  ``loss_fn(params, *examples) -> (loss, per-example terms)``, with the loss a
+  sum over the examples it is given (divided by the global batch). Each device
+  differentiates its shard of ``examples`` (batch-sharded over ``data``); the
+  raveled gradients and the losses are summed with one ``psum``.
+  """
+  def local(params, *examples):
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *examples)
+    flat, unravel = ravel_pytree(grads)
+    loss, flat = jax.lax.psum((loss, flat), 'data')
+    return (loss, terms), unravel(flat)
+
+  # check_vma=False: the gradient of the replicated parameters stays this
+  # device's own (with it on, JAX would insert one psum per parameter).
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + (P('data'),) * len(examples),
+                       out_specs=((P(), P('data')), P()), check_vma=False)(params, *examples)
+
+
+def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, lr_fn,
+               mesh: Optional[Mesh] = None):
   """One optimiser step on a global batch; returns (new state, metrics).
 
   Loss: ``diffusion.training_losses`` (L_simple, eq. 14 by default) at t drawn
   uniformly (or by importance for L_vlb), averaged over the batch; a
   class-conditional model sees ``batch['label']`` with class dropout
-  (:func:`training_labels`). A non-finite
+  (:func:`training_labels`). On a multi-device CPU ``mesh`` the gradient may be
+  summed as one buffer (:func:`flat_all_reduce`). A non-finite
   loss or gradient leaves the state unchanged and reports ``finite = 0``.
   """
   d = config.diffusion
@@ -152,14 +192,21 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   y = training_labels(config, batch, jax.random.fold_in(rng, guidance.RNG_LABELS))
 
-  def loss_fn(params):
+  batch_size = x0.shape[0]
+
+  def loss_fn(params, x0, t, noise, weights, y):
     model_fn = model_fn_for(model, params, train=True, dropout_rng=dropout_rng, y=y)
     terms = diffusion.training_losses(schedule, model_fn, x0, t, noise, mean_type=d.mean_type,
                                       var_type=d.var_type, loss_type=d.loss_type,
                                       hybrid_lambda=d.hybrid_lambda)
-    return jnp.mean(terms['loss'] * weights), terms
+    # The batch mean, as a sum over (this device's) examples / the global batch.
+    return jnp.sum(terms['loss'] * weights) / batch_size, terms
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  examples = (x0, t, noise, weights, y)
+  if mesh is not None and flat_all_reduce(config, mesh):
+    (loss, terms), grads = flat_all_reduce_value_and_grad(loss_fn, mesh, state.params, examples)
+  else:
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *examples)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(config, state.step))
@@ -192,7 +239,7 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
   batch axis on the mesh's ``data`` axis; the state is replicated.
   """
   step = functools.partial(train_step, config=config, model=model, schedule=schedule,
-                           optimizer=optimizer, lr_fn=learning_rate_schedule(config))
+                           optimizer=optimizer, lr_fn=learning_rate_schedule(config), mesh=mesh)
 
   def train_fn(state, batches):
     # No loop construct: XLA:CPU runs the convolutions of a step inside a while
