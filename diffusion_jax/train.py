@@ -136,9 +136,9 @@ def ema_decay(config, step):
 
 
 def flat_all_reduce(config, mesh: Mesh) -> bool:
-  """Whether the step sums the devices' gradients as one flat buffer (:func:`flat_all_reduce_value_and_grad`).
+  """Whether the step sums the devices' gradients as one flat buffer.
 
-  Only on a mesh of several CPU devices, where XLA:CPU all-reduces the
+  (:func:`flat_all_reduce_value_and_grad`.) Only on a mesh of several CPU devices, where XLA:CPU all-reduces the
   gradient one parameter at a time, each a rendezvous of all the devices (184
   for the digits U-Net); one all-reduce of the whole gradient made the digits
   step 8-13% faster (A/B in one process). Only when the model draws no random
