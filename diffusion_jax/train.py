@@ -138,10 +138,11 @@ def ema_decay(config, step):
 def flat_all_reduce(config, mesh: Mesh) -> bool:
   """Whether the step sums the devices' gradients as one flat buffer.
 
-  (:func:`flat_all_reduce_value_and_grad`.) Only on a mesh of several CPU devices, where XLA:CPU all-reduces the
+  Only on a mesh of several CPU devices, where XLA:CPU all-reduces the
   gradient one parameter at a time, each a rendezvous of all the devices (184
-  for the digits U-Net); one all-reduce of the whole gradient made the digits
-  step 8-13% faster (A/B in one process). Only when the model draws no random
+  for the digits U-Net); one all-reduce of the whole gradient
+  (:func:`flat_all_reduce_value_and_grad`) made the digits step 8-13% faster
+  (A/B in one process). Only when the model draws no random
   numbers (``model.dropout == 0``): t, the noise and the class dropout are
   drawn for the global batch outside, so the result is the global-batch
   gradient, the same as the plain step up to summation order. Dropout masks
@@ -239,7 +240,8 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
   batch axis on the mesh's ``data`` axis; the state is replicated.
   """
   step = functools.partial(train_step, config=config, model=model, schedule=schedule,
-                           optimizer=optimizer, lr_fn=learning_rate_schedule(config), mesh=mesh)
+                           optimizer=optimizer, lr_fn=learning_rate_schedule(config),
+                           mesh=mesh)
 
   def train_fn(state, batches):
     # No loop construct: XLA:CPU runs the convolutions of a step inside a while
