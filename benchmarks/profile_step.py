@@ -3,9 +3,9 @@ r"""Where a train step's (and a sampler step's) device time goes, by kernel kind
     python benchmarks/profile_step.py --config configs/cifar10.py --dtype bfloat16   # on a GPU
     python benchmarks/profile_step.py --xplane /tmp/trace_train/.../host.xplane.pb --per 5
 
-Compiles the config's train step (dropout 0, a random batch placed as
-``train.next_batches`` places it) and a DDIM-10 sampler for twice the batch,
-times both, then takes a ``jax.profiler`` trace of each (5 train steps; one
+Compiles the config's train step (``bench_peer.Ours``: dropout 0, a random
+batch placed as ``train.next_batches`` places it) and a DDIM-10 sampler for
+twice the batch, times both, and takes a ``jax.profiler`` trace of each (5 train steps; one
 sampler call = 10 network calls) and sums the device's kernels by kind:
 cuDNN convolutions, matmuls, reductions, transposes, concatenates, copies and
 other fusions. ``--xplane`` only summarises a trace taken before.
@@ -18,14 +18,9 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from diffusion_jax import data as data_lib
-from diffusion_jax import sampling
-from diffusion_jax import train
-
-from bench_train import load_config   # benchmarks/ is on sys.path when run as a script
+from bench_peer import Ours            # benchmarks/ is on sys.path when run as a script
+from bench_train import load_config
 
 KINDS = (('cuDNN convolutions', ('xmma', 'cudnn', 'convolution')),
          ('matmuls', ('nvjet', 'gemm', 'cublas', 'dot')),
@@ -94,37 +89,21 @@ def main():
     config.model.dtype = args.dtype
   config.model.dropout = 0.0
   batch = config.training.batch_size
-  model, schedule, optimizer, mesh, state = train.setup(config)
-  step = train.make_train_fn(config, model, schedule, optimizer, mesh)
-  x = np.random.default_rng(0).uniform(-1, 1, (1, batch) + train.image_shape(config))
-  images = data_lib.shard_batch({'image': x.astype(np.float32)}, train.batch_sharding(mesh))
+  ours = Ours(config)    # bench_peer's: the step, a random batch placed as training places it
+  print(f'{jax.devices()[0].device_kind}: train step compiled in {ours.compile():.1f} s')
+  ours.train_steps(5)
   t0 = time.perf_counter()
-  step = step.lower(state, images).compile()
-  print(f'{jax.devices()[0].device_kind}: train step compiled in {time.perf_counter() - t0:.1f} s')
-
-  def train_steps(n):
-    nonlocal state
-    for _ in range(n):
-      state, _ = step(state, images)
-    jax.block_until_ready(state)
-  train_steps(5)
-  t0 = time.perf_counter()
-  train_steps(20)
+  ours.train_steps(20)
   print(f'train step: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms (batch {batch})')
+  trace('train', lambda: ours.train_steps(5), 5)
 
-  config.sampling.sampler, config.sampling.num_steps, config.sampling.eta = 'ddim', 10, 0.0
-  sampler = sampling.make_sampler(config, schedule, model, batch_size=2 * batch)
-  variables = {'params': jax.tree.map(jnp.copy, state.ema_params)}   # the step donates state
-  rng = jax.random.PRNGKey(1)
-  sampler = sampler.lower(variables, rng).compile()
-  jax.block_until_ready(sampler(variables, rng))
+  # After the train steps: the sampler holds the EMA parameters, which a step donates.
+  sampler, _ = ours.sampler('ddim', 10, 2 * batch)
+  sampler()
   t0 = time.perf_counter()
-  jax.block_until_ready(sampler(variables, rng))
+  sampler()
   print(f'sampler step: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms (batch {2 * batch})')
-
-  trace('train', lambda: train_steps(5), 5)
-  trace('sampler', lambda: jax.block_until_ready(sampler(variables, rng)), 10)
-
+  trace('sampler', sampler, 10)
 
 if __name__ == '__main__':
   main()
