@@ -10,6 +10,9 @@ The digits config is embedded here too (:func:`digits_config`) so that
 import ml_collections
 
 
+LR_DECAYS = ('none', 'cosine')
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the DDPM paper's CIFAR-10 settings (Ho et al. 2020, App. B)."""
   config = ml_collections.ConfigDict()
@@ -65,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.weight_decay = 0.0
   optim.warmup_steps = 5000
+  optim.lr_decay = 'none'        # after the warm-up: none (constant, as in the paper) | cosine (to 0 at the last step)
   optim.grad_clip = 1.0
   optim.ema_decay = 0.9999
   optim.ema_warmup = False       # decay min(ema_decay, (1+n)/(10+n)); the paper uses none
@@ -256,6 +260,7 @@ def validate_config(config) -> None:
   _allowed('optim.optimizer', o.optimizer, ('adam', 'adamw'))
   _positive('optim.lr', o.lr)
   _positive('optim.warmup_steps', o.warmup_steps, allow_zero=True)
+  _allowed('optim.lr_decay', o.get('lr_decay', 'none'), LR_DECAYS)
   _positive('optim.grad_clip', o.grad_clip, allow_zero=True)
   if not 0.0 <= o.ema_decay < 1.0:
     raise ValueError(f'optim.ema_decay must be in [0, 1), got {o.ema_decay!r}.')

@@ -200,7 +200,7 @@ def test_train_step_finite_guard():
   assert float(metrics['finite'][0]) == 1.0 and int(state.step) == 2
 
 
-def test_ema_and_warmup():
+def test_ema_warmup_and_initial_state():
   warm = tiny_config(**{'optim.ema_decay': 0.9, 'optim.ema_warmup': True})
   np.testing.assert_allclose([train.ema_decay(warm, n) for n in (0, 10, 1000)],
                              [1 / 10, 11 / 20, 0.9], rtol=1e-6)
@@ -209,6 +209,12 @@ def test_ema_and_warmup():
   lr = train.learning_rate_schedule(config)
   np.testing.assert_allclose([lr(0), lr(2), lr(4), lr(100)], [0.0, 5e-3, 1e-2, 1e-2], rtol=1e-6)
   model, schedule, optimizer, mesh, state = train.setup(config)
+  # setup compiles the initial state without LLVM optimisation (it runs once): the same bits
+  # as the program compiled with XLA's default options.
+  assert train.run_once_compiler_options(mesh) == {'xla_backend_optimization_level': 0}
+  ref = jax.jit(lambda rng: train.create_train_state(config, model, optimizer, rng))(
+      jax.random.PRNGKey(config.seed))
+  chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(ref))
   step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
   it = data_lib.create_train_iterator(config)
   p0 = jax.device_get(state.params)
@@ -221,6 +227,20 @@ def test_ema_and_warmup():
   chex.assert_trees_all_close(jax.device_get(state.ema_params), expected, rtol=1e-6, atol=1e-7)
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0),
                                                     jax.tree.leaves(jax.device_get(state.params))))
+
+
+def test_cosine_lr_decay_reaches_zero_at_the_last_step():
+  config = tiny_config(**{'optim.lr': 2e-3, 'optim.warmup_steps': 10, 'optim.lr_decay': 'cosine',
+                          'training.num_train_steps': 110})
+  lr = train.learning_rate_schedule(config)
+  steps = np.array([0, 5, 10, 35, 60, 85, 110, 200])
+  # Independent closed form: linear warm-up, then lr (1 + cos(pi s / S)) / 2 over S = 100 steps.
+  s = np.clip(steps - 10, 0, 100)
+  want = np.where(steps < 10, 2e-3 * steps / 10, 2e-3 * 0.5 * (1 + np.cos(np.pi * s / 100)))
+  np.testing.assert_allclose([float(lr(n)) for n in steps], want, rtol=1e-5, atol=1e-9)
+  assert float(lr(110)) == 0.0 and float(lr(60)) == pytest.approx(1e-3, rel=1e-5)
+  with pytest.raises(ValueError, match="optim.lr_decay='linear' is not supported; allowed values: none, cosine"):
+    config_lib.validate_config(tiny_config(**{'optim.lr_decay': 'linear'}))
 
 
 @pytest.mark.slow   # minutes on 2 cores: run by `pytest -m slow` (and .ci/run)
