@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.weight_decay = 0.0
   optim.warmup_steps = 5000
-  optim.lr_decay = 'none'        # after the warm-up: none (constant, as in the paper) | cosine (to 0 at the last step)
+  optim.lr_decay = 'none'        # after the warm-up: none (paper) | cosine (to 0 at the last step)
   optim.grad_clip = 1.0
   optim.ema_decay = 0.9999
   optim.ema_warmup = False       # decay min(ema_decay, (1+n)/(10+n)); the paper uses none

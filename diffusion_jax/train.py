@@ -66,8 +66,9 @@ def learning_rate_schedule(config) -> optax.Schedule:
   """Linear warm-up from 0 to ``optim.lr`` over ``optim.warmup_steps`` (DDPM App. B), then the decay.
 
   ``optim.lr_decay``: ``none`` keeps ``optim.lr`` (the paper); ``cosine`` decays it
-  to 0 at ``training.num_train_steps`` (Loshchilov & Hutter 2017), which lets a
-  short run end on an averaged, low-noise iterate.
+  to 0 at ``training.num_train_steps`` (Loshchilov & Hutter 2017). On digits the
+  cosine decay did not make short runs as good as the constant rate's longer
+  ones (``benchmarks/RESULTS.md``, "The README job").
   """
   o = config.optim
   decay = o.get('lr_decay', 'none')

@@ -239,7 +239,8 @@ def test_cosine_lr_decay_reaches_zero_at_the_last_step():
   want = np.where(steps < 10, 2e-3 * steps / 10, 2e-3 * 0.5 * (1 + np.cos(np.pi * s / 100)))
   np.testing.assert_allclose([float(lr(n)) for n in steps], want, rtol=1e-5, atol=1e-9)
   assert float(lr(110)) == 0.0 and float(lr(60)) == pytest.approx(1e-3, rel=1e-5)
-  with pytest.raises(ValueError, match="optim.lr_decay='linear' is not supported; allowed values: none, cosine"):
+  with pytest.raises(ValueError, match="optim.lr_decay='linear' is not supported; "
+                                      'allowed values: none, cosine'):
     config_lib.validate_config(tiny_config(**{'optim.lr_decay': 'linear'}))
 
 
