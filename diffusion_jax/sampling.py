@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion
 from diffusion_jax import guidance
+from diffusion_jax import host
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedule import Schedule, schedule_from_betas
 
@@ -418,8 +419,10 @@ def make_sampler(config, s: Schedule, apply_fn: Any, *, batch_size: Optional[int
     return lambda params, rng, y=None: jitted(
         params, rng, guidance.labels_from_config(config, rng, batch) if y is None else y)
 
+  options = host.cpu_compiler_options(devices)   # CPU: less LLVM optimisation, same bits
   if batch % len(devices):
-    return with_labels(jax.jit(lambda params, rng, y=None: run(params, rng, y)))
+    return with_labels(jax.jit(lambda params, rng, y=None: run(params, rng, y),
+                               compiler_options=options))
   mesh = Mesh(np.asarray(devices), ('data',))
   data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 
@@ -429,6 +432,7 @@ def make_sampler(config, s: Schedule, apply_fn: Any, *, batch_size: Optional[int
     return run(params, rng, y, x_T=x_T)
 
   if not conditional:
-    return jax.jit(sharded_sample, in_shardings=(replicated, replicated), out_shardings=data)
+    return jax.jit(sharded_sample, in_shardings=(replicated, replicated), out_shardings=data,
+                   compiler_options=options)
   return with_labels(jax.jit(sharded_sample, in_shardings=(replicated, replicated, data),
-                             out_shardings=data))
+                             out_shardings=data, compiler_options=options))

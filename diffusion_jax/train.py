@@ -35,6 +35,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
 from diffusion_jax import guidance
+from diffusion_jax import host
 from diffusion_jax import images as image_lib
 from diffusion_jax import models
 from diffusion_jax import sampling
@@ -264,7 +265,8 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_fn, in_shardings=(replicated, batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=host.cpu_compiler_options(mesh))
 
 
 def next_batches(it, num: int, sharding: NamedSharding):
@@ -480,10 +482,9 @@ def run_once_compiler_options(mesh: Mesh) -> Optional[dict]:
   XLA:CPU spends most of the digits initialiser's compile in LLVM (13 s of a
   README run's start-up, 4 s without it); the program runs once, in
   milliseconds either way, and gives the same bits (``tests/test_train.py``).
+  Programs that run many times use :func:`host.cpu_compiler_options`' level 1.
   """
-  if mesh.devices.flat[0].platform == 'cpu':
-    return {'xla_backend_optimization_level': 0}
-  return None
+  return host.cpu_compiler_options(mesh, runs_once=True)
 
 
 def _restore(manager, state, train_iter, num_train_steps: int, say):

@@ -87,3 +87,19 @@ def test_two_cpu_devices_sample_what_one_device_samples():
                        text=True, timeout=600, check=True).stdout.split()
   assert out[0] == '2'
   assert float(out[1]) < 1e-3, out
+
+
+def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
+  import types
+
+  import jax
+  from jax.sharding import Mesh
+  import numpy as np
+  cpu = jax.devices('cpu')
+  assert host.cpu_compiler_options(cpu) == {'xla_backend_optimization_level': 1}
+  assert host.cpu_compiler_options(Mesh(np.asarray(cpu), ('data',)), runs_once=True) == {
+      'xla_backend_optimization_level': 0}
+  for platform in ('gpu', 'cuda', 'tpu'):   # accelerators keep XLA's defaults
+    fake = [types.SimpleNamespace(platform=platform)]
+    assert host.cpu_compiler_options(fake) is None
+    assert host.cpu_compiler_options(types.SimpleNamespace(devices=np.asarray(fake))) is None

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, diffusion, sampling
+from diffusion_jax import config_lib, diffusion, host, sampling
 from diffusion_jax.schedule import make_schedule
 
 SHAPE = (4, 4, 4, 1)
@@ -377,6 +377,21 @@ def test_make_sampler_jits_once():
 
   g = sampling.make_sampler(config, s, Scale())
   np.testing.assert_allclose(g({}, jax.random.PRNGKey(0)), a, atol=1e-6)
+
+
+def test_make_sampler_compiles_with_less_llvm_optimisation_and_the_same_bits(monkeypatch):
+  config = small_config('ancestral')
+  s = make_schedule('linear', 20)
+  apply_fn = lambda params, x, t: params['w'] * jnp.sin(x)
+  params, rng = {'w': jnp.float32(0.3)}, jax.random.PRNGKey(3)
+  assert host.cpu_compiler_options(jax.devices()) == {'xla_backend_optimization_level': 1}
+  f = sampling.make_sampler(config, s, apply_fn)
+  xla_default = {'xla_backend_optimization_level': 2}
+  np.testing.assert_array_equal(f(params, rng),
+                                f.lower(params, rng).compile(compiler_options=xla_default)(params, rng))
+  monkeypatch.setattr(host, 'cpu_compiler_options', lambda *a, **k: {'no_such_option': 1})
+  with pytest.raises(Exception, match='no_such_option'):
+    sampling.make_sampler(config, s, apply_fn)(params, rng)
 
 
 def test_make_sampler_shards_batch_over_devices():

@@ -17,6 +17,7 @@ import pytest
 from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
+from diffusion_jax import host
 from diffusion_jax import train
 
 TINY = {
@@ -227,6 +228,24 @@ def test_ema_warmup_and_initial_state():
   chex.assert_trees_all_close(jax.device_get(state.ema_params), expected, rtol=1e-6, atol=1e-7)
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0),
                                                     jax.tree.leaves(jax.device_get(state.params))))
+
+
+XLA_DEFAULT_LEVEL = {'xla_backend_optimization_level': 2}   # XLA's own default
+
+
+def test_train_step_compiles_with_less_llvm_optimisation_and_the_same_bits(monkeypatch):
+  config = tiny_config()
+  model, schedule, optimizer, mesh, state = train.setup(config)
+  assert host.cpu_compiler_options(mesh) == {'xla_backend_optimization_level': 1}
+  step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  batch = {'image': jnp.asarray(next(data_lib.create_train_iterator(config))['image'])[None]}
+  fresh = lambda: jax.tree.map(jnp.copy, state)   # the step donates its state
+  ref = step_fn.lower(state, batch).compile(compiler_options=XLA_DEFAULT_LEVEL)(fresh(), batch)
+  chex.assert_trees_all_equal(jax.device_get(step_fn(fresh(), batch)), jax.device_get(ref))
+  # make_train_fn hands host.cpu_compiler_options to XLA: an unknown option is refused.
+  monkeypatch.setattr(host, 'cpu_compiler_options', lambda *a, **k: {'no_such_option': 1})
+  with pytest.raises(Exception, match='no_such_option'):
+    train.make_train_fn(config, model, schedule, optimizer, mesh)(fresh(), batch)
 
 
 def test_cosine_lr_decay_reaches_zero_at_the_last_step():
