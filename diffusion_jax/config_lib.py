@@ -11,6 +11,8 @@ import ml_collections
 
 
 LR_DECAYS = ('none', 'cosine')
+# diffusion.loss_weighting: 'none' is diffusion.training_losses' weighting=None.
+LOSS_WEIGHTINGS = ('none', 'min_snr')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   diffusion.var_type = 'fixed_large'   # fixed_small | fixed_large | learned_range
   diffusion.loss_type = 'simple'       # simple | vlb | hybrid
   diffusion.hybrid_lambda = 0.001
+  # Weight of each example's mean-squared error: none (L_simple, eq. 14) |
+  # min_snr (Hang et al. 2023: x_0-space weight min(SNR, gamma)).
+  diffusion.loss_weighting = 'none'
+  diffusion.min_snr_gamma = 5.0
   diffusion.t_sampler = 'uniform'      # uniform | importance (for vlb)
   diffusion.clip_denoised = True
 
@@ -253,6 +259,8 @@ def validate_config(config) -> None:
   _allowed('diffusion.var_type', d.var_type, diffusion.VAR_TYPES)
   _allowed('diffusion.loss_type', d.loss_type, diffusion.LOSS_TYPES)
   _allowed('diffusion.t_sampler', d.t_sampler, ('uniform', 'importance'))
+  _allowed('diffusion.loss_weighting', d.get('loss_weighting', 'none'), LOSS_WEIGHTINGS)
+  _positive('diffusion.min_snr_gamma', d.get('min_snr_gamma', 5.0))
   if d.t_sampler == 'importance' and d.loss_type != 'vlb':
     raise ValueError("diffusion.t_sampler='importance' is for diffusion.loss_type='vlb' only "
                      f'(got loss_type={d.loss_type!r}).')

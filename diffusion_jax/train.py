@@ -205,12 +205,14 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   y = training_labels(config, batch, jax.random.fold_in(rng, guidance.RNG_LABELS))
 
   batch_size = x0.shape[0]
+  weighting = {'none': None}.get(d.get('loss_weighting', 'none'), d.get('loss_weighting'))
 
   def loss_fn(params, x0, t, noise, weights, y):
     model_fn = model_fn_for(model, params, train=True, dropout_rng=dropout_rng, y=y)
     terms = diffusion.training_losses(schedule, model_fn, x0, t, noise, mean_type=d.mean_type,
                                       var_type=d.var_type, loss_type=d.loss_type,
-                                      hybrid_lambda=d.hybrid_lambda)
+                                      hybrid_lambda=d.hybrid_lambda, weighting=weighting,
+                                      min_snr_gamma=d.get('min_snr_gamma', 5.0))
     # The batch mean, as a sum over (this device's) examples / the global batch.
     return jnp.sum(terms['loss'] * weights) / batch_size, terms
 

@@ -248,6 +248,36 @@ def test_train_step_compiles_with_less_llvm_optimisation_and_the_same_bits(monke
     train.make_train_fn(config, model, schedule, optimizer, mesh)(fresh(), batch)
 
 
+def test_min_snr_loss_weighting_reaches_the_train_step():
+  from diffusion_jax import diffusion, timestep_sampler
+  losses = {}
+  for weighting in ('none', 'min_snr'):
+    config = tiny_config(**{'diffusion.loss_weighting': weighting, 'diffusion.min_snr_gamma': 2.0})
+    model, schedule, optimizer, mesh, state = train.setup(config)
+    x0 = jnp.asarray(next(data_lib.create_train_iterator(config))['image'])
+    # The step's own draws (train.train_step): t and the noise from fold_in(rng, step).
+    t_rng, noise_rng, _ = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+    t, _ = timestep_sampler.sample_timesteps(t_rng, x0.shape[0], config.diffusion.num_timesteps,
+                                             None)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    terms = diffusion.training_losses(
+        schedule, train.model_fn_for(model, state.params), x0, t, noise,   # dropout is 0
+        weighting=None if weighting == 'none' else weighting, min_snr_gamma=2.0)
+    snr = np.asarray(schedule.alphas_cumprod)[np.asarray(t)]
+    snr = snr / (1 - snr)
+    want_w = np.ones_like(snr) if weighting == 'none' else np.minimum(snr, 2.0) / snr
+    np.testing.assert_allclose(terms['loss'], want_w * np.asarray(terms['mse']), rtol=1e-6)
+    step_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+    _, metrics = step_fn(state, {'image': x0[None]})
+    np.testing.assert_allclose(metrics['loss'][0], np.mean(terms['loss']), rtol=1e-5)
+    losses[weighting] = (float(metrics['loss'][0]), float(metrics['mse'][0]))
+  assert losses['min_snr'][1] == pytest.approx(losses['none'][1], rel=1e-6)   # same t, noise
+  assert losses['min_snr'][0] < 0.9 * losses['none'][0]
+  with pytest.raises(ValueError, match="diffusion.loss_weighting='snr' is not supported; "
+                                      'allowed values: none, min_snr'):
+    config_lib.validate_config(tiny_config(**{'diffusion.loss_weighting': 'snr'}))
+
+
 def test_cosine_lr_decay_reaches_zero_at_the_last_step():
   config = tiny_config(**{'optim.lr': 2e-3, 'optim.warmup_steps': 10, 'optim.lr_decay': 'cosine',
                           'training.num_train_steps': 110})
