@@ -83,7 +83,7 @@ def configure_cpu_devices(config) -> int | None:
 
 
 # XLA:CPU's LLVM optimisation level (``xla_backend_optimization_level``; XLA's
-# default is 2). Most of a small U-Net's compile is LLVM optimising hundreds of
+# default is 3). Most of a small U-Net's compile is LLVM optimising hundreds of
 # small fusions, while its run time is in the convolution and matmul kernels,
 # which are library code that LLVM does not compile.
 CPU_OPT_LEVEL_RUN_ONCE = 0   # programs that run once (the initial state)
@@ -94,12 +94,15 @@ def cpu_compiler_options(devices, *, runs_once: bool = False) -> dict | None:
   """XLA compile options for a program on ``devices`` (a Mesh or a list of devices).
 
   On the CPU, a lower LLVM optimisation level: for the digits README job the
-  train step compiles in ~31 s instead of ~45 s and runs as fast (A/B in one
-  process: 255 vs 268 ms median), the DDIM-100 sampler in ~3.7 s instead of
-  ~5.5 s; level 0 would double the step's run time, so only the initial state
-  (``runs_once``) uses it. Both give the same bits as XLA's default options
-  (``tests/test_train.py``, ``tests/test_sampling.py``): no fast-math is
-  involved. On GPU and TPU, None (XLA's defaults).
+  train step compiles in 28-33 s instead of 33-43 s (fresh processes) and runs
+  as fast (A/B in one process: medians within 5% either way,
+  ``benchmarks/ab_compile_options.py``), the DDIM-100 sampler in ~3.7 s
+  instead of 5-6 s. Level 0 would double the step's run time, so only the
+  initial state (``runs_once``) uses it. No fast-math is involved: the
+  results equal those of XLA's default options up to float32 rounding (the
+  digits step and the initial state bit for bit; a 1-ulp difference in a
+  few optimiser moments was seen on a smaller U-Net; ``tests/test_train.py``,
+  ``tests/test_sampling.py``). On GPU and TPU, None (XLA's defaults).
   """
   devices = getattr(devices, 'devices', devices)   # a Mesh: its device array
   first = next(iter(getattr(devices, 'flat', devices)))

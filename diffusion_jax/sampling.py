@@ -419,7 +419,7 @@ def make_sampler(config, s: Schedule, apply_fn: Any, *, batch_size: Optional[int
     return lambda params, rng, y=None: jitted(
         params, rng, guidance.labels_from_config(config, rng, batch) if y is None else y)
 
-  options = host.cpu_compiler_options(devices)   # CPU: less LLVM optimisation, same bits
+  options = host.cpu_compiler_options(devices)   # CPU: less LLVM optimisation
   if batch % len(devices):
     return with_labels(jax.jit(lambda params, rng, y=None: run(params, rng, y),
                                compiler_options=options))
