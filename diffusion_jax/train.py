@@ -205,7 +205,8 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   y = training_labels(config, batch, jax.random.fold_in(rng, guidance.RNG_LABELS))
 
   batch_size = x0.shape[0]
-  weighting = {'none': None}.get(d.get('loss_weighting', 'none'), d.get('loss_weighting'))
+  weighting = d.get('loss_weighting', 'none')   # 'none': L_simple, unweighted (eq. 14)
+  weighting = None if weighting == 'none' else weighting
 
   def loss_fn(params, x0, t, noise, weights, y):
     model_fn = model_fn_for(model, params, train=True, dropout_rng=dropout_rng, y=y)

@@ -379,7 +379,7 @@ def test_make_sampler_jits_once():
   np.testing.assert_allclose(g({}, jax.random.PRNGKey(0)), a, atol=1e-6)
 
 
-def test_make_sampler_compiles_with_less_llvm_optimisation_and_the_same_bits(monkeypatch):
+def test_make_sampler_compiles_with_less_llvm_optimisation_and_equal_results(monkeypatch):
   config = small_config('ancestral')
   s = make_schedule('linear', 20)
   apply_fn = lambda params, x, t: params['w'] * jnp.sin(x)
