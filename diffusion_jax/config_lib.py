@@ -94,8 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- sampling -------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ancestral'  # ancestral | ddim | pc
-  sampling.num_steps = 1000       # ddim / pc: number of steps; ancestral: always T
+  sampling.sampler = 'ancestral'  # ancestral | ddim | pc | dpm_solver | ode
+  sampling.num_steps = 1000       # ddim / pc / dpm_solver: number of steps (model calls); ancestral: always T
+  sampling.solver_order = 2       # dpm_solver: DPM-Solver++ multistep order, 1..3 (1 = DDIM, eta 0)
+  sampling.ode_rtol = 1e-5        # ode: probability-flow ODE tolerances (diffrax, adaptive step)
+  sampling.ode_atol = 1e-5
   sampling.eta = 0.0              # ddim stochasticity
   sampling.skip_type = 'uniform'  # ddim: uniform | quadratic
   sampling.num_samples = 64
@@ -118,6 +121,21 @@ def base_config() -> ml_collections.ConfigDict:
   ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
   ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
   ev.guidance_scales = '0,0.5,1,2,3'  # part 'guidance': w of the fidelity/diversity curve
+
+  # --- controllable generation (--mode inpaint / --mode edit) ---------------
+  config.inpaint = inpaint = ml_collections.ConfigDict()
+  inpaint.missing = 'bottom_half'  # bottom_half | top_half | left_half | right_half | center | random | mask
+  inpaint.random_fraction = 0.5   # missing=random: fraction of pixels missing
+  inpaint.mask_path = ''          # a mask image (white = known), used when missing=mask
+  inpaint.num_images = 100
+  inpaint.split = 'test'
+  inpaint.method = 'repaint'      # repaint (Lugmayr et al. 2022) | replace (score_sde's baseline)
+  inpaint.resample = 5            # repaint: resamplings per jump
+  inpaint.jump_length = 10        # repaint: steps per jump back
+  config.edit = edit = ml_collections.ConfigDict()
+  edit.strength = 0.15            # SDEdit: t0 = strength * T, in (0, 1]
+  edit.num_images = 100
+  edit.split = 'test'
   return config
 
 
@@ -282,7 +300,10 @@ def validate_config(config) -> None:
                        f'training.steps_per_call={tr.steps_per_call}.')
   validate_conditioning(config)
   sp = config.sampling
-  _allowed('sampling.sampler', sp.sampler, ('ancestral', 'ddim', 'pc'))
+  _allowed('sampling.sampler', sp.sampler, ('ancestral', 'ddim', 'pc', 'dpm_solver', 'ode'))
+  _allowed('sampling.solver_order', sp.get('solver_order', 2), (1, 2, 3))
+  _positive('sampling.ode_rtol', sp.get('ode_rtol', 1e-5))
+  _positive('sampling.ode_atol', sp.get('ode_atol', 1e-5))
   _allowed('sampling.skip_type', sp.skip_type, ('uniform', 'quadratic'))
   _positive('sampling.num_samples', sp.num_samples)
   if sp.sampler != 'ancestral' and not 1 <= sp.num_steps <= d.num_timesteps:

@@ -32,7 +32,7 @@ from diffusion_jax import host
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedule import Schedule, schedule_from_betas
 
-SAMPLERS = ('ancestral', 'ddim', 'pc')
+SAMPLERS = ('ancestral', 'ddim', 'pc', 'dpm_solver', 'ode')
 SKIP_TYPES = ('uniform', 'quadratic')
 
 __all__ = [
