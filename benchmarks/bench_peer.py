@@ -17,8 +17,19 @@ the peer uses diffusers' ``DDPMScheduler``) and DDIM (eta = 0;
 Timing: ours is compiled first (the compile time is reported); then both sides
 warm up, and the timed rounds alternate ours / peer so that both see the same
 machine state. Reported: ms per step and images/s (median over rounds), and the
-ratio ours/peer as a speed-up (>1: we are faster). On a GPU ours runs in
-bfloat16 and the peer under bf16 autocast, with and without ``torch.compile``.
+ratio ours/peer as a speed-up (>1: we are faster). The peer runs eager and
+under ``torch.compile`` (inductor, on the CPU too; the first step, which
+includes its compilation, is reported; ``--torch_compile off`` skips it). On a
+GPU ours runs in bfloat16 and the peer under bf16 autocast.
+
+The CPU ratio depends on the instruction set (oneDNN's AVX-512 kernels), so
+the run prints and records what it ran on (``machine.py``): the CPU model, its
+SIMD level (avx2 / avx512f / avx512_vnni / avx512_bf16 / amx) and flags,
+torch's build (CPU or CUDA, oneDNN, the ATen CPU kernels) and threads, JAX's
+devices and CPU device count, and the load average before and after.
+``--isolate`` runs each side in its own process (``--worker``, driven over a
+pipe) with the same alternating rounds, so that neither side's thread pools
+share a process with the other's; the table is the same.
 A table is printed and the figures are written as JSON (``--json``).
 """
 
@@ -28,6 +39,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -41,6 +54,7 @@ from diffusion_jax import sampling
 from diffusion_jax import train
 
 from bench_train import load_config   # benchmarks/ is on sys.path when run as a script
+import machine
 
 # Peak dense bfloat16 FLOP/s for MFU, by device name (vendor data sheets).
 PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12}
@@ -63,6 +77,10 @@ class Ours:
     # would be resharded in every call, and the devices would start apart.
     self.batch = data_lib.shard_batch({'image': x}, train.batch_sharding(mesh))
     self.params = models.count_params(self.state.params)
+
+  def info(self) -> dict:
+    """The parameter count and JAX's version and devices."""
+    return dict(params=self.params, **machine.jax_info(jax))
 
   def compile(self) -> float:
     """Seconds to lower + compile the train step."""
@@ -135,6 +153,10 @@ class Peer:
     gen = torch.Generator().manual_seed(0)
     self.x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(device)
 
+  def info(self) -> dict:
+    """The parameter count and torch's version, build and threads."""
+    return dict(params=self.params, **machine.torch_info(self.torch))
+
   def _ctx(self):
     if self.autocast:
       return self.torch.autocast(device_type=self.device.split(':')[0], dtype=self.torch.bfloat16)
@@ -166,7 +188,7 @@ class Peer:
     self._sync()
 
   def sampler(self, name: str, steps: int, batch: int):
-    """``() -> images`` with diffusers' DDPMScheduler / DDIMScheduler."""
+    """(``() -> images``, None) with diffusers' DDPMScheduler / DDIMScheduler (no compile step)."""
     import diffusers
     torch, cfg = self.torch, self.config
     d = cfg.diffusion
@@ -189,7 +211,7 @@ class Peer:
         x = sched.step(eps, t, x, generator=gen).prev_sample
       self._sync()
       return x
-    return run
+    return run, None
 
 
 # --- timing -------------------------------------------------------------------------
@@ -251,6 +273,142 @@ def recount(path: str) -> None:
     json.dump(out, f, indent=2)
 
 
+# --- each side in its own process (--isolate) -----------------------------------------
+
+
+class Remote:
+  """A side (ours or one peer) in its own process, ``bench_peer.py ... --worker ROLE``.
+
+  It has the methods of :class:`Ours` and :class:`Peer` that :func:`main` calls;
+  each call is one JSON line to the worker's stdin and one back from its stdout
+  (:func:`serve`), so the timing in :func:`main` is the same for both modes
+  (the pipe adds well under a millisecond to a round of several hundred).
+  Between calls the worker waits on its stdin, so its thread pools are idle
+  while the other side runs.
+  """
+
+  def __init__(self, role: str, argv: list, backend: str | None = None):
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, '--worker', role]
+    if backend:
+      cmd += ['--worker_backend', backend]
+    self.role = role
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._info = self._call('info')
+    self.params = self._info['params']
+
+  def _call(self, method, *args):
+    self.proc.stdin.write(json.dumps([method, *args]) + '\n')
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self.role} worker exited ({self.proc.wait()})')
+    reply = json.loads(line)
+    if 'error' in reply:
+      raise RuntimeError(f"{self.role} worker: {reply['error']}")
+    return reply['result']
+
+  def info(self) -> dict:
+    return self._info
+
+  def compile(self) -> float:
+    return self._call('compile')
+
+  def flops(self) -> float:
+    return self._call('flops')
+
+  def train_steps(self, n: int) -> None:
+    self._call('train_steps', n)
+
+  def sampler(self, name: str, steps: int, batch: int):
+    key, seconds = self._call('sampler', name, steps, batch)
+    return (lambda: self._call('run_sampler', key)), seconds
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def serve(side) -> None:
+  """The worker's loop: runs ``[method, *args]`` lines from stdin on ``side``, replies on stdout."""
+  replies = os.fdopen(os.dup(1), 'w')
+  os.dup2(2, 1)     # anything else printed (warnings, compile logs) goes to stderr
+  samplers = []
+  for line in sys.stdin:
+    method, *args = json.loads(line)
+    try:
+      if method == 'sampler':
+        fn, seconds = side.sampler(*args)
+        samplers.append(fn)
+        result = [len(samplers) - 1, seconds]
+      elif method == 'run_sampler':
+        samplers[args[0]]()
+        result = None
+      else:
+        result = getattr(side, method)(*args)
+      reply = dict(result=result)
+    except Exception as e:  # pylint: disable=broad-except
+      reply = dict(error=f'{type(e).__name__}: {e}')
+    replies.write(json.dumps(reply) + '\n')
+    replies.flush()
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+def settings(args, backend: str | None):
+  """(config, name, dtype) from the arguments; ``backend=None``: this process runs ours.
+
+  Ours' process sets the CPU device count before JAX starts and takes the
+  backend from JAX; a peer's process (and the parent of ``--isolate``) is told
+  it, and never starts JAX.
+  """
+  config = load_config(args.config)
+  name = os.path.splitext(os.path.basename(args.config or 'digits.py'))[0]
+  if args.batch:
+    config.training.batch_size = args.batch
+  if args.cpu_devices is not None:
+    config.training.cpu_devices = args.cpu_devices
+  if backend is None:
+    host.configure_cpu_devices(config)    # as `python -m diffusion_jax.main` does
+    backend = jax.default_backend()
+  dtype = args.dtype or ('bfloat16' if backend == 'gpu' else 'float32')
+  config.model.dtype = dtype
+  if args.conv_impl:
+    config.model.conv_impl = args.conv_impl
+  config.model.dropout = 0.0    # same work on both sides (diffusers' dropout is not the point)
+  return config, name, dtype
+
+
+def peer_label(compiled: bool, dtype: str) -> str:
+  return 'diffusers' + (' + torch.compile' if compiled else '') + (
+      ' (bf16 autocast)' if dtype == 'bfloat16' else '')
+
+
+def make_peer(config, backend: str, dtype: str, compiled: bool) -> Peer:
+  import torch
+  device = 'cuda' if backend == 'gpu' and torch.cuda.is_available() else 'cpu'
+  return Peer(config, device, dtype == 'bfloat16', compiled)
+
+
+def worker(args) -> None:
+  """``--worker ours|peer|peer_compiled``: builds that side and serves :class:`Remote`."""
+  config, _, dtype = settings(args, None if args.worker == 'ours' else args.worker_backend)
+  if args.worker == 'ours':
+    side = Ours(config)
+  else:
+    side = make_peer(config, args.worker_backend, dtype, args.worker == 'peer_compiled')
+  serve(side)
+
+
+def print_table(results) -> None:
+  print(f'\n| task | peer | ours ms/step | peer ms/step | ours images/s | peer images/s | '
+        f'ours/peer |\n|---|---|---|---|---|---|---|')
+  for r in results:
+    print(f"| {r['task']} | {r['peer']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | "
+          f"{r['ours_images_per_s']:.0f} | {r['peer_images_per_s']:.0f} | "
+          f"{r['speedup']:.2f}x |")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default=None, help='configs/<name>.py (default: digits)')
@@ -264,68 +422,81 @@ def main():
   p.add_argument('--sample_rounds', type=int, default=1)
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
                  help='ours: model.dtype; peer: bf16 autocast (default: bfloat16 on GPU)')
-  p.add_argument('--torch_compile', default='auto', choices=('auto', 'off', 'both'),
-                 help='also time the peer under torch.compile (auto: on GPU only)')
+  p.add_argument('--torch_compile', default='on', choices=('on', 'off'),
+                 help='also time the peer under torch.compile (inductor, CPU or GPU); '
+                      'its compilation takes minutes on a small CPU')
+  p.add_argument('--isolate', action='store_true',
+                 help='each side in its own process, alternating as in one process')
   p.add_argument('--conv_impl', default=None, help='override model.conv_impl (auto|xla|matmul)')
   p.add_argument('--cpu_devices', type=int, default=None,
                  help='override training.cpu_devices (0: one per core; -1: one device)')
   p.add_argument('--json', default=None, help='output JSON (default: benchmarks/results/...)')
   p.add_argument('--recount', default=None, metavar='JSON',
                  help='only recount flops_per_step and MFU of an earlier results JSON')
+  p.add_argument('--worker', default=None, choices=('ours', 'peer', 'peer_compiled'),
+                 help=argparse.SUPPRESS)
+  p.add_argument('--worker_backend', default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.recount:
     return recount(args.recount)
+  if args.worker:
+    return worker(args)
 
-  import torch
-  config = load_config(args.config)
-  name = os.path.splitext(os.path.basename(args.config or 'digits.py'))[0]
-  if args.batch:
-    config.training.batch_size = args.batch
-  if args.cpu_devices is not None:
-    config.training.cpu_devices = args.cpu_devices
-  host.configure_cpu_devices(config)    # as `python -m diffusion_jax.main` does
-  gpu = jax.default_backend() == 'gpu'
-  device = 'cuda' if gpu and torch.cuda.is_available() else 'cpu'
-  dtype = args.dtype or ('bfloat16' if gpu else 'float32')
-  config.model.dtype = dtype
-  if args.conv_impl:
-    config.model.conv_impl = args.conv_impl
-  config.model.dropout = 0.0    # same work on both sides (diffusers' dropout is not the point)
-  sample_batch = args.sample_batch or (256 if gpu else 64)
-  compile_modes = {'auto': [False, True] if device == 'cuda' else [False],
-                   'off': [False], 'both': [False, True]}[args.torch_compile]
-  jax_device = jax.devices()[0]
-  print(f'jax {jax.__version__} on {jax_device.device_kind} x{jax.device_count()} '
-        f'(conv_impl={config.model.conv_impl}); '
-        f'torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); '
-        f'config {name}, batch {config.training.batch_size}, {dtype}', flush=True)
-
-  ours = Ours(config)
-  peers = {}
-  for compiled in compile_modes:
-    label = 'diffusers' + (' + torch.compile' if compiled else '') + (
-        ' (bf16 autocast)' if dtype == 'bfloat16' else '')
-    peers[label] = Peer(config, device, dtype == 'bfloat16', compiled)
-    if peers[label].params != ours.params:
+  load_before = os.getloadavg()
+  cpu = machine.cpu_info()
+  print(machine.describe(cpu), flush=True)
+  print(f'load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} '
+        f'(1/5/15 min) on {cpu["cores"]} cores', flush=True)
+  compile_modes = [False, True] if args.torch_compile == 'on' else [False]
+  if args.isolate:
+    argv = [a for a in sys.argv[1:] if a != '--isolate']
+    ours = Remote('ours', argv)
+    backend = ours.info()['platform']
+    config, name, dtype = settings(args, backend)
+    peers = {peer_label(c, dtype): Remote('peer_compiled' if c else 'peer', argv, backend)
+             for c in compile_modes}
+  else:
+    config, name, dtype = settings(args, None)
+    backend = jax.default_backend()
+    ours = Ours(config)
+    peers = {peer_label(c, dtype): make_peer(config, backend, dtype, c) for c in compile_modes}
+  env = {**cpu, **ours.info(), **next(iter(peers.values())).info()}
+  env.pop('params')
+  print(machine.describe(env) + f'; conv_impl={config.model.conv_impl}; config {name}, '
+        f'batch {config.training.batch_size}, {dtype}; '
+        + ('each side in its own process' if args.isolate else 'both sides in one process'),
+        flush=True)
+  for label, peer in peers.items():
+    if peer.params != ours.params:
       raise SystemExit(f'parameter counts differ: ours {ours.params:,}, {label} '
-                       f'{peers[label].params:,}')
+                       f'{peer.params:,}')
   print(f'parameters: {ours.params:,} on both sides', flush=True)
 
   flops = ours.flops()
   compile_s = ours.compile()
   print(f'ours: train step compiled in {compile_s:.1f} s ({flops / 1e9:.1f} GFLOP per step)',
         flush=True)
-  results = []
+  results, peer_first_step_s, failed = [], {}, {}
   n, b = args.steps, config.training.batch_size
-  for label, peer in peers.items():
+  for label, peer in list(peers.items()):
     ours.train_steps(2)
-    peer.train_steps(3)     # warm-up (and torch.compile's compilation)
+    try:
+      # warm-up; the first step includes torch.compile's compilation
+      peer_first_step_s[label] = timed(peer.train_steps, 1)
+      print(f'{label}: first train step {peer_first_step_s[label]:.1f} s', flush=True)
+      peer.train_steps(2)
+    except Exception as e:  # pylint: disable=broad-except  (torch.compile needs a C++ compiler)
+      failed[label] = f'{type(e).__name__}: {e}'
+      print(f'{label} failed, left out: {failed[label]}', flush=True)
+      del peers[label]
+      continue
     o, q = alternate(lambda: timed(ours.train_steps, n), lambda: timed(peer.train_steps, n),
                      args.rounds)
     results.append(row('train step', n, n * b, o, q, label))
     print(f"train step vs {label}: ours {results[-1]['ours_ms']:.1f} ms, "
           f"peer {results[-1]['peer_ms']:.1f} ms", flush=True)
 
+  sample_batch = args.sample_batch or (256 if backend == 'gpu' else 64)
   sampler_compile = {}
   for spec in filter(None, args.samplers.split(',')):
     kind = 'ancestral' if spec == 'ancestral' else 'ddim'
@@ -333,37 +504,40 @@ def main():
     ours_fn, sampler_compile[spec] = ours.sampler(kind, steps, sample_batch)
     ours_fn()
     for label, peer in peers.items():
-      peer_fn = peer.sampler(kind, steps, sample_batch)
-      peer.sampler(kind, 2, sample_batch)()   # warm-up
+      peer_fn, _ = peer.sampler(kind, steps, sample_batch)
+      peer.sampler(kind, 2, sample_batch)[0]()   # warm-up
       o, q = alternate(lambda: timed(ours_fn), lambda: timed(peer_fn), args.sample_rounds)
       results.append(row(f'{spec} sampling ({steps} steps, batch {sample_batch})', steps,
                          sample_batch, o, q, label))
       print(f"{spec}: ours {statistics.median(o):.1f} s, {label} {statistics.median(q):.1f} s",
             flush=True)
+  if args.isolate:
+    for side in [ours, *peers.values()]:
+      side.close()
 
-  mfu, peak = model_flops_utilisation(flops, results, jax_device.device_kind)
-
-  print(f'\n| task | peer | ours ms/step | peer ms/step | ours images/s | peer images/s | '
-        f'ours/peer |\n|---|---|---|---|---|---|---|')
-  for r in results:
-    print(f"| {r['task']} | {r['peer']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | "
-          f"{r['ours_images_per_s']:.0f} | {r['peer_images_per_s']:.0f} | "
-          f"{r['speedup']:.2f}x |")
+  load_after = os.getloadavg()
+  mfu, peak = model_flops_utilisation(flops, results, env['device'])
+  print_table(results)
   print(f'\nours: train-step compile {compile_s:.1f} s ({flops / 1e9:.1f} GFLOP per step)'
         + ''.join(f'; {k} sampler compile {v:.1f} s' for k, v in sampler_compile.items())
         + (f'; MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s' if mfu else ''))
+  print('peer: first train step (warm-up; with torch.compile, its compilation) '
+        + ', '.join(f'{k} {v:.1f} s' for k, v in peer_first_step_s.items()))
+  print(f"{env['cpu_model']}, SIMD {env['simd_level']}; "
+        + ('each side in its own process' if args.isolate else 'both sides in one process')
+        + f'; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after')
 
   out = dict(
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       config=name, batch=b, dtype=dtype, conv_impl=config.model.conv_impl,
-      jax=jax.__version__, torch=torch.__version__, device=jax_device.device_kind,
-      jax_devices=jax.device_count(), torch_threads=torch.get_num_threads(),
-      platform=jax.default_backend(), host=platform.node(), cpus=os.cpu_count(),
+      isolate=args.isolate, host=platform.node(), cpus=os.cpu_count(), **env,
+      load_average_before=load_before, load_average_after=load_after,
       params=ours.params, train_compile_s=compile_s, flops_per_step=flops,
-      sampler_compile_s=sampler_compile, mfu=mfu, results=results)
+      sampler_compile_s=sampler_compile, peer_first_step_s=peer_first_step_s,
+      peer_failed=failed, mfu=mfu, results=results)
   path = args.json or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results',
-      f'peer_{jax.default_backend()}_{name}_b{b}_{dtype}.json')
+      f'peer_{backend}_{name}_b{b}_{dtype}.json')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     json.dump(out, f, indent=2)
