@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from diffusion_jax import diffusion
 from diffusion_jax import guidance
 from diffusion_jax import host
+from diffusion_jax import sde
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedule import Schedule, schedule_from_betas
 
@@ -352,7 +353,8 @@ def sample_from_config(config, s: Schedule, model_fn: ModelFn, rng, shape, *, x_
 
   Uses ``sampling.num_steps`` (ddim, pc; ancestral always runs T steps),
   ``sampling.eta`` and ``sampling.skip_type`` (ddim), ``sampling.pc_snr`` and
-  ``sampling.pc_corrector_steps`` (pc), and ``diffusion.mean_type``,
+  ``sampling.pc_corrector_steps`` (pc), ``sampling.ode_rtol`` / ``ode_atol`` (ode:
+  :func:`sde.probability_flow_sample`, which prints its number of model calls), and ``diffusion.mean_type``,
   ``diffusion.var_type``, ``diffusion.clip_denoised``. ``x_T`` as in the samplers.
   """
   sc, dc = config.sampling, config.diffusion
@@ -370,6 +372,12 @@ def sample_from_config(config, s: Schedule, model_fn: ModelFn, rng, shape, *, x_
                           snr=sc.get('pc_snr', 0.16),
                           num_corrector_steps=sc.get('pc_corrector_steps', 1),
                           var_type=dc.var_type, **common)
+  if sampler == 'ode':   # the probability-flow ODE (diffusion_jax.sde); no clipping
+    x, nfe = sde.probability_flow_sample(s, model_fn, rng, shape, rtol=sc.get('ode_rtol', 1e-5),
+                                         atol=sc.get('ode_atol', 1e-5), mean_type=dc.mean_type,
+                                         x_T=x_T)
+    jax.debug.print('probability-flow ODE: {nfe} model calls', nfe=nfe)
+    return x
   raise ValueError(f'sampling.sampler must be one of {", ".join(map(repr, SAMPLERS))}; '
                    f'got {sampler!r}.')
 
