@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   inpaint.method = 'repaint'      # repaint (Lugmayr et al. 2022) | replace (score_sde's baseline)
   inpaint.resample = 5            # repaint: resamplings per jump
   inpaint.jump_length = 10        # repaint: steps per jump back
+  inpaint.num_steps = 0           # the walk on this many evenly spaced timesteps (0: all T)
   config.edit = edit = ml_collections.ConfigDict()
   edit.strength = 0.15            # SDEdit: t0 = strength * T, in (0, 1]
   edit.num_images = 100
@@ -309,6 +310,42 @@ def validate_config(config) -> None:
   if sp.sampler != 'ancestral' and not 1 <= sp.num_steps <= d.num_timesteps:
     raise ValueError(f'sampling.num_steps must be in [1, diffusion.num_timesteps={d.num_timesteps}], '
                      f'got {sp.num_steps}.')
+  validate_editing(config)
+
+
+# The values of inpaint.missing / inpaint.method (diffusion_jax.editing).
+INPAINT_MISSING = ('bottom_half', 'top_half', 'left_half', 'right_half', 'center', 'random', 'mask')
+INPAINT_METHODS = ('repaint', 'replace')
+
+
+def validate_editing(config) -> None:
+  """Checks the ``inpaint`` and ``edit`` sections (where a config has them)."""
+  T = config.diffusion.num_timesteps
+  if 'inpaint' in config:
+    ip = config.inpaint
+    _allowed('inpaint.missing', ip.missing, INPAINT_MISSING)
+    _allowed('inpaint.method', ip.method, INPAINT_METHODS)
+    f = ip.random_fraction
+    if isinstance(f, bool) or not 0.0 < f < 1.0:
+      raise ValueError(f'inpaint.random_fraction must be in (0, 1), got {f!r}.')
+    if ip.missing == 'mask' and not ip.mask_path:
+      raise ValueError("inpaint.missing='mask' needs inpaint.mask_path (a mask image, white = "
+                       'known).')
+    for key in ('num_images', 'resample', 'jump_length'):
+      _positive(f'inpaint.{key}', ip[key])
+    steps = ip.get('num_steps', 0)
+    if isinstance(steps, bool) or not 0 <= steps <= T:
+      raise ValueError(f'inpaint.num_steps must be in [0, diffusion.num_timesteps={T}] '
+                       f'(0: all), got {steps!r}.')
+    n = steps or T
+    if ip.jump_length > n:
+      raise ValueError(f'inpaint.jump_length={ip.jump_length} must be at most the steps of the '
+                       f'walk ({n}: inpaint.num_steps, 0 = diffusion.num_timesteps).')
+  if 'edit' in config:
+    s = config.edit.strength
+    if isinstance(s, bool) or not 0.0 < s <= 1.0:
+      raise ValueError(f'edit.strength must be in (0, 1] (t0 = strength x T), got {s!r}.')
+    _positive('edit.num_images', config.edit.num_images)
 
 
 def validate_conditioning(config) -> None:

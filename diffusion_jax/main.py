@@ -1,8 +1,10 @@
 r"""Entry point: ``python -m diffusion_jax.main --config configs/<name>.py --workdir DIR``.
 
 Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
-``sample`` (images from the EMA parameters of the latest checkpoint) and
-``eval`` (bits/dim, rate-distortion, progressive figures, FID). With no
+``sample`` (images from the EMA parameters of the latest checkpoint),
+``eval`` (bits/dim, rate-distortion, progressive figures, FID), ``inpaint``
+(RePaint completions of a split's images, config section ``inpaint``) and
+``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`). With no
 ``--config`` the embedded digits configuration is used. Override any key with
 ``--config.section.key=value``.
 
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 from diffusion_jax import config_lib
 
 FLAGS = flags.FLAGS
-MODES = ('train', 'sample', 'eval')
+MODES = ('train', 'sample', 'eval', 'inpaint', 'edit')
 USAGE_EXIT_CODE = 2
 _OVERRIDE = re.compile(r'^--?(no)?(config|default_config)\.([\w.]+)')
 
@@ -118,7 +120,7 @@ def preflight(config, mode: str, workdir) -> None:
   """Every check that can fail on bad input, before any work; raises ValueError or OSError.
 
   Config values, model, data set and batch size first (nothing is written),
-  then the workdir: sample/eval need a checkpoint (nothing is created), train
+  then the workdir: every mode but train needs a checkpoint (nothing is created), train
   creates the workdir and writes ``config.json`` (WorkdirError if it cannot).
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -134,6 +136,9 @@ def preflight(config, mode: str, workdir) -> None:
     data_lib.check_batch_fits(config, len(source), jax.process_count())
   elif mode == 'eval':
     data_lib.get_source(config, config.data.eval_split)
+  elif mode in ('inpaint', 'edit'):
+    from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
+    (editing_cli.check_inpaint if mode == 'inpaint' else editing_cli.check_edit)(config)
   if mode != 'train':
     if ckpt.latest_step(workdir) is None:
       raise ckpt.no_checkpoint_error(workdir)
@@ -152,6 +157,9 @@ def run(config, mode: str, workdir) -> None:
     if mode == 'train':
       from diffusion_jax import train  # pylint: disable=g-import-not-at-top
       train.train_and_evaluate(config, workdir)
+    elif mode in ('inpaint', 'edit'):
+      from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
+      (editing_cli.run_inpaint if mode == 'inpaint' else editing_cli.run_edit)(config, workdir)
     else:
       from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
       (evaluate.sample if mode == 'sample' else evaluate.evaluate)(config, workdir)
