@@ -113,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 256
   ev.num_bpd_examples = 1000      # test images for the bits/dim bound (-1: all)
+  ev.num_ode_bpd_examples = 64    # part ode_bpd: test images under the probability-flow ODE (-1: all)
+  ev.ode_bpd_exact_trace = False  # part ode_bpd: exact Jacobian trace (D JVPs per call) instead of Hutchinson
   ev.num_fid_samples = 1000
   ev.inception_path = ml_collections.FieldReference(None, field_type=str)  # local .npz/.msgpack weights
   ev.fid_stats_path = ml_collections.FieldReference(None, field_type=str)  # reference mu/sigma .npz

@@ -23,6 +23,10 @@ part             module                                  output
                                                          classifier's feature space, ``metrics.json``
 ``guidance``     :mod:`diffusion_jax.guidance_sweep`     class-conditional models: the metrics per
                                                          guidance scale, ``guidance.csv`` / ``.png``
+``ode_bpd``      :mod:`diffusion_jax.sde`                ``ode_bpd.json``: test bits/dim under the
+                                                         probability-flow ODE (score SDE App. D),
+                                                         uniformly dequantised, with the bound's
+                                                         bits/dim beside it
 ===============  ======================================  =====================================
 
 Sample sets for ``fid`` and ``classifier`` come from :mod:`diffusion_jax.samples`.
@@ -31,6 +35,7 @@ Sample sets for ``fid`` and ``classifier`` come from :mod:`diffusion_jax.samples
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from etils import epath
@@ -40,19 +45,21 @@ import numpy as np
 
 from diffusion_jax import bits_per_dim
 from diffusion_jax import classifier_metrics
+from diffusion_jax import data as data_lib
 from diffusion_jax import eval_runtime as rt
 from diffusion_jax import figures
 from diffusion_jax import fid
 from diffusion_jax import guidance_sweep
 from diffusion_jax import rate_distortion
 from diffusion_jax import samples
+from diffusion_jax import sde
 from diffusion_jax.samples import sample  # noqa: F401  (--mode sample, called by main.py)
 from diffusion_jax.schedule import Schedule
 
-PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance')
+PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance', 'ode_bpd')
 
 # Distinct streams of randomness, folded into PRNGKey(config.seed).
-RNG_BPD, RNG_FIGURES = 0xB9D, 0xF16
+RNG_BPD, RNG_FIGURES, RNG_ODE_BPD = 0xB9D, 0xF16, 0x0DE
 
 
 def parse_parts(parts: str) -> list[str]:
@@ -198,6 +205,45 @@ def _part_guidance(ctx: _Context) -> dict:
   return dict(csv=csv_path, png=png_path, rows=rows)
 
 
+def _part_ode_bpd(ctx: _Context) -> dict:
+  """Bits/dim under the probability-flow ODE of ``eval.num_ode_bpd_examples`` test images.
+
+  An upper bound on the discrete images' bits/dim (one uniform dequantisation
+  per image, score_sde's estimator) beside the variational bound of part ``bpd``
+  (``bound_bpd``, read from ``bpd.json`` when it holds this checkpoint).
+  """
+  cfg = ctx.config
+  num = int(cfg.eval.get('num_ode_bpd_examples', 64))
+  num = None if num < 0 else num
+  images = data_lib.load_uint8(cfg, cfg.data.eval_split, num=num)
+  start = time.perf_counter()
+  out = sde.ode_bpd_eval(cfg, ctx.schedule, ctx.apply_fn, ctx.params, images,
+                         jax.random.fold_in(ctx.rng, RNG_ODE_BPD), mesh=ctx.mesh,
+                         labels=bits_per_dim.eval_labels(cfg, num))
+  bpd, n = out['bpd'], int(out['bpd'].size)
+  summary = dict(
+      bpd=float(np.mean(bpd)),
+      bpd_stderr=float(np.std(bpd, ddof=1) / np.sqrt(n)) if n > 1 else float('nan'),
+      num_examples=n, nfe=float(np.mean(out['nfe'])), nfe_per_batch=out['nfe'].tolist(),
+      rtol=float(cfg.sampling.ode_rtol), atol=float(cfg.sampling.ode_atol),
+      trace='exact' if cfg.eval.get('ode_bpd_exact_trace', False) else 'hutchinson',
+      dequantization='uniform', wall_s=round(time.perf_counter() - start, 1),
+      step=ctx.step, split=cfg.data.eval_split)
+  bound_path = rt.join(ctx.eval_dir, 'bpd.json')
+  if epath.Path(bound_path).exists():
+    bound = rt.read_json(bound_path)
+    if bound.get('step') == ctx.step:
+      summary.update(bound_bpd=bound['total_bpd'], bound_bpd_stderr=bound['total_bpd_stderr'],
+                     bound_num_examples=bound['num_examples'])
+  path = rt.join(ctx.eval_dir, 'ode_bpd.json')
+  rt.write_json(path, summary)
+  beside = (f'; bound {summary["bound_bpd"]:.4f} ± {summary["bound_bpd_stderr"]:.4f} '
+            f'({summary["bound_num_examples"]} images)' if 'bound_bpd' in summary else '')
+  rt.say(f'  ODE {summary["bpd"]:.4f} ± {summary["bpd_stderr"]:.4f} bits/dim ({n} images, '
+         f'{summary["nfe"]:.0f} model calls per batch, {summary["wall_s"]} s){beside} -> {path}')
+  return summary
+
+
 _PART_FNS = {
     'bpd': ('test-set bits/dim (calc_bpd_loop)', _part_bpd),
     'rd': ('rate-distortion of progressive lossy decompression (Fig. 5)', _part_rd),
@@ -205,6 +251,7 @@ _PART_FNS = {
     'fid': ('FID, KID and Inception Score', _part_fid),
     'classifier': ('digit-classifier Fréchet distance and KID', _part_classifier),
     'guidance': ('metrics per classifier-free guidance scale', _part_guidance),
+    'ode_bpd': ('test-set bits/dim under the probability-flow ODE', _part_ode_bpd),
 }
 
 

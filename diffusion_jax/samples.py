@@ -34,6 +34,16 @@ def sampler_name_and_steps(config) -> tuple[str, int]:
   return sc.sampler, steps
 
 
+def run_tag(config) -> str:
+  """Names a ``--mode sample`` run after its sampler: the steps, or ``rtol<r>`` for the ODE.
+
+  The probability-flow ODE (``sampling.sampler='ode'``) takes as many adaptive
+  steps as its tolerance needs, so its files are named by ``sampling.ode_rtol``.
+  """
+  name, steps = sampler_name_and_steps(config)
+  return f'rtol{float(config.sampling.ode_rtol):g}' if name == 'ode' else str(steps)
+
+
 def generate_samples(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, rng, num: int, *,
                      batch_size: Optional[int] = None, desc: str = 'sampling',
                      progress: bool = True) -> np.ndarray:
@@ -104,7 +114,8 @@ def save_samples_grid(config, images: np.ndarray, labels: Optional[np.ndarray], 
 def sample(config, workdir: str) -> dict:
   """``--mode sample``: ``config.sampling.num_samples`` samples of the latest checkpoint.
 
-  Writes ``workdir/samples/samples_<sampler>_<steps>.npz`` (uint8 NHWC, key
+  Writes ``workdir/samples/samples_<sampler>_<steps>.npz`` (``<steps>`` is
+  :func:`run_tag`: ``rtol<r>`` for the ODE; uint8 NHWC, key
   ``images``; a class-conditional model adds int32 ``labels`` and
   :func:`conditioning_tag` to the name) and a PNG grid
   next to it (the first <= 100 images, or one class per row when the labels
@@ -113,18 +124,19 @@ def sample(config, workdir: str) -> dict:
   """
   workdir = rt.workdir_path(workdir)
   model, schedule, _, step, params = rt.restore_for_eval(config, workdir)
-  name, steps = sampler_name_and_steps(config)
+  name, tag = sampler_name_and_steps(config)[0], run_tag(config)
+  how = f'adaptive steps, {tag}' if name == 'ode' else f'{tag} steps'
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_SAMPLE)
   images, labels = generate_labeled_samples(config, schedule, rt.apply_fn_for(model), params,
                                             rng, int(config.sampling.num_samples),
-                                            desc=f'{name} sampling ({steps} steps)')
-  stem = f'samples_{name}_{steps}{conditioning_tag(config)}'
+                                            desc=f'{name} sampling ({how})')
+  stem = f'samples_{name}_{tag}{conditioning_tag(config)}'
   npz = rt.join(workdir, 'samples', f'{stem}.npz')
   png = rt.join(workdir, 'samples', f'{stem}.png')
   rt.save_npz(npz, images=images, **({} if labels is None else {'labels': labels}))
   if rt.is_main():
     save_samples_grid(config, images, labels, png)
-  rt.say(f'Wrote {len(images)} samples ({name}, {steps} steps) of checkpoint step {step}:\n'
+  rt.say(f'Wrote {len(images)} samples ({name}, {how}) of checkpoint step {step}:\n'
          f'  {npz}\n  {png}')
   return dict(npz=npz, png=png, step=step)
 
