@@ -535,9 +535,12 @@ def main():
       params=ours.params, train_compile_s=compile_s, flops_per_step=flops,
       sampler_compile_s=sampler_compile, peer_first_step_s=peer_first_step_s,
       peer_failed=failed, mfu=mfu, results=results)
+  # On the CPU the file name says the SIMD level (and --isolate), so that runs on
+  # different kinds of machine do not overwrite each other.
+  kind = f"_{env['simd_level']}" + ('_isolate' if args.isolate else '') if backend == 'cpu' else ''
   path = args.json or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results',
-      f'peer_{backend}_{name}_b{b}_{dtype}.json')
+      f'peer_{backend}_{name}_b{b}_{dtype}{kind}.json')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     json.dump(out, f, indent=2)
