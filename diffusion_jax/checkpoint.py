@@ -8,13 +8,18 @@ and renames it when complete, so an interrupted save (even ``kill -9``) never
 damages the checkpoints already on disk; leftover temporary folders are removed
 when the next training run starts.
 
+A save that fails for lack of space (:class:`Saver`) ends training with one
+:class:`storage.StorageFullError`: the half-written ``<step>.orbax-checkpoint-tmp``
+folder is removed, the earlier checkpoints stay as they were, and the message
+names the newest intact one.
+
 Damaged checkpoints (a truncated or missing file, bad metadata): restoring
 falls back to the next older checkpoint, printing one line per damaged step.
 Training moves a damaged checkpoint aside to ``checkpoints/damaged/<step>``
 (never deletes it); sampling and evaluation leave the folder untouched.
 """
 
-import sys
+import time
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -23,9 +28,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusion_jax import storage
 from diffusion_jax import workdir as workdir_lib
 
 DAMAGED_DIR = 'damaged'
+TMP_MARKER = '.orbax-checkpoint-tmp'   # orbax's folder of a save in progress
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -70,6 +77,111 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any)
       data=ocp.args.JsonSave(data_state if data_state is not None else {})), force=True)
 
 
+def state_bytes(state: Any) -> int:
+  """Bytes of ``state``'s arrays: about the size of one checkpoint on disk."""
+  return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
+                 if hasattr(x, 'shape')))
+
+
+def _step_of(name: str) -> Optional[int]:
+  """The step of a checkpoint folder name (``30``, ``30.orbax-checkpoint-tmp-1234``), else None."""
+  head = name.split('.', 1)[0]
+  return int(head) if head.isdigit() else None
+
+
+def _folders(directory: epath.Path) -> list:
+  return list(directory.iterdir()) if directory.exists() else []
+
+
+def intact_steps(directory) -> list:
+  """Steps of the complete checkpoint folders in ``directory`` (named by their step), sorted."""
+  return sorted(int(p.name) for p in _folders(epath.Path(directory)) if p.name.isdigit())
+
+
+def remove_partial_saves(directory, *, settle_s: float = 0.5) -> list:
+  """Removes the folders of saves that never completed (``<step>.orbax-checkpoint-tmp*``).
+
+  Call once no save is in flight. Tensorstore may still finish a write it had
+  started into such a folder (and recreate it), so the folder is looked for
+  again after ``settle_s`` seconds. Process 0 only.
+
+  Returns:
+    The steps whose folders were removed, sorted.
+  """
+  directory = epath.Path(directory)
+  removed = set()
+  if jax.process_index() != 0:
+    return []
+  for _ in range(3):
+    partial = [p for p in _folders(directory)
+               if TMP_MARKER in p.name and _step_of(p.name) is not None]
+    if not partial:
+      break
+    for p in partial:
+      p.rmtree(missing_ok=True)
+      removed.add(_step_of(p.name))
+    time.sleep(settle_s)
+  return sorted(removed)
+
+
+class Saver:
+  """Asynchronous checkpoint saves of a training run; a full disk becomes one StorageFullError.
+
+  ``save`` returns as soon as the arrays are copied to the host; orbax writes
+  them in the background. A write that fails for lack of space surfaces at
+  the next ``save`` or at ``close``: the saves in flight are waited for, the
+  half-written folders removed (:func:`remove_partial_saves`), and
+  :class:`storage.StorageFullError` raised, naming the step that failed, the
+  space it needs and the newest intact checkpoint. Any other error passes
+  unchanged.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._failed = None   # the StorageFullError already raised: close() then does nothing
+    self._last_step = None
+    self._needed = None
+
+  def save(self, step: int, state: Any, data_state: Any) -> None:
+    """Starts saving ``state`` (and the input position ``data_state``) as checkpoint ``step``."""
+    self._last_step, self._needed = step, state_bytes(state)
+    self._guard(save, self.manager, step, state, data_state)
+
+  def close(self) -> None:
+    """Completes the save in flight and closes the manager (nothing to do after a full disk)."""
+    if self._failed is None:
+      self._guard(self.manager.wait_until_finished)
+      self.manager.close()
+
+  def _guard(self, fn, *args) -> None:
+    try:
+      fn(*args)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore's ValueError, OSError, ...)
+      if not storage.is_out_of_space(e):
+        raise
+      self._failed = self._full_disk_error()
+      raise self._failed from e
+
+  def _full_disk_error(self) -> storage.StorageFullError:
+    """Waits for the saves in flight, removes their partial folders, returns the one-line error."""
+    storage.silence_async_noise()
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  (the error being reported)
+      pass
+    directory = epath.Path(self.manager.directory)
+    failed = remove_partial_saves(directory)
+    step = failed[0] if failed else self._last_step
+    intact = [s for s in intact_steps(directory) if s < step]
+    kept = (f'checkpoint {intact[-1]} is intact' if intact
+            else 'no checkpoint was saved yet (the rerun starts from step 0)')
+    figures = storage.space_figures(directory, self._needed)
+    workdir = directory.parent
+    return storage.StorageFullError(
+        f'no space left in {workdir} while saving checkpoint {step}'
+        + (f' ({figures})' if figures else '') + f'; {kept}; {storage.RERUN}.')
+
+
 def _shapes(tree) -> list:
   """Sorted (shape, dtype) of a tree's array leaves: its signature, independent of key names."""
   leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, 'shape')]
@@ -101,27 +213,6 @@ def _restore_step(manager, step: int, target_state: Any, check_data: Optional[Ca
   if check_data is not None:
     check_data(data_state)
   return state, data_state
-
-
-def _drop_closed_event_loop_errors() -> None:
-  """Silences the "Event loop is closed" RuntimeErrors of a failed restore (idempotent).
-
-  After a restore fails, tensorstore completes the reads still in flight and
-  their callbacks hit orbax's closed asyncio loop; Python reports each through
-  ``sys.unraisablehook`` (hundreds of traceback lines, the original issue's
-  ending). They are harmless; every other unraisable error is passed on.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, '_drops_closed_loop', False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
-      previous(unraisable)
-
-  hook._drops_closed_loop = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
 
 
 def _reason(error: Exception) -> str:
@@ -179,7 +270,7 @@ def restore_latest(manager: ocp.CheckpointManager, target_state: Any, *,
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (any damage: tensorstore, JSON, ...)
-      _drop_closed_event_loop_errors()
+      storage.silence_async_noise()   # the failed read's late tensorstore callbacks
       damaged.append(step)
       where = f'; {_move_aside(manager, step)}' if move_damaged else ''
       say(f'warning: checkpoint step {step} is damaged ({_reason(e)}){where}.')

@@ -31,6 +31,7 @@ from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
+from diffusion_jax import storage
 from diffusion_jax import train
 
 ApplyFn = Callable[..., jnp.ndarray]   # (params, x_t, t[, y]) -> out; y: labels of a conditional model
@@ -85,14 +86,12 @@ def round_up(n: int, k: int) -> int:
 
 
 def write_bytes(path, data: bytes) -> None:
-  """Writes ``data`` to ``path`` (process 0), via a temporary file and a rename."""
-  if not is_main():
-    return
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  """Writes ``data`` to ``path`` (process 0), via a temporary file and a rename.
+
+  A full disk raises :class:`storage.StorageFullError` naming ``path``.
+  """
+  if is_main():
+    storage.write_file(path, data)
 
 
 def write_json(path, obj: dict) -> None:

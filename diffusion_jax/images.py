@@ -1,10 +1,12 @@
 """Converting model images to 8-bit pixels and saving PNG grids (Pillow)."""
 
+import io
 import math
 
-from etils import epath
 import numpy as np
 from PIL import Image
+
+from diffusion_jax import storage
 
 
 def to_uint8(images) -> np.ndarray:
@@ -34,7 +36,8 @@ def save_grid(images, path, *, nrow: int | None = None, scale: int | None = None
   """Saves images ([-1, 1] floats or uint8, NHWC) as a PNG grid; small images are upscaled.
 
   ``path`` is a string or ``epath.Path`` (local or ``gs://...``), written through
-  epath; its folder is created if needed. Returns ``path`` as given.
+  epath under a temporary name, then renamed (:func:`storage.write_file`); its
+  folder is created if needed. Returns ``path`` as given.
   """
   grid = make_grid(images, nrow=nrow)
   if scale is None:
@@ -42,8 +45,7 @@ def save_grid(images, path, *, nrow: int | None = None, scale: int | None = None
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  out = epath.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with out.open('wb') as f:
-    img.save(f, format='PNG')
+  png = io.BytesIO()
+  img.save(png, format='PNG')
+  storage.write_file(path, png.getvalue())
   return path

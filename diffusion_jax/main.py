@@ -12,6 +12,8 @@ Bad input (flags, config keys and values, a missing config file or data set,
 an unusable workdir, sample/eval without a checkpoint) ends with one line
 ``error: ...`` on stderr and exit code 2, before anything is written into the
 workdir. ``DIR`` is any path ``etils.epath`` accepts (local or ``gs://...``).
+A full disk while writing (a checkpoint, a PNG, an output file) ends with one
+line ``error: no space left ...`` and exit code 1 (``diffusion_jax/storage.py``).
 """
 
 import os
@@ -149,8 +151,11 @@ def preflight(config, mode: str, workdir) -> None:
 def run(config, mode: str, workdir) -> None:
   """Runs ``mode`` after :func:`preflight`; bad input and known failures end in one line."""
   from diffusion_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import storage  # pylint: disable=g-import-not-at-top
   try:
     preflight(config, mode, workdir)
+  except storage.StorageFullError as e:   # config.json did not fit: not bad input
+    fail(e, code=1)
   except (ValueError, OSError) as e:   # DatasetNotFoundError, WorkdirError, NoCheckpointError
     fail(e)
   try:
@@ -165,8 +170,12 @@ def run(config, mode: str, workdir) -> None:
       (evaluate.sample if mode == 'sample' else evaluate.evaluate)(config, workdir)
   except (ckpt.NoCheckpointError, ckpt.CheckpointMismatchError) as e:
     fail(e)
-  except FloatingPointError as e:   # the non-finite guard stopped training
+  except (FloatingPointError, storage.StorageFullError) as e:   # non-finite guard; a full disk
     fail(e, code=1)
+  except OSError as e:   # a full disk outside storage.write_file (a folder, a library's own file)
+    if not storage.is_out_of_space(e):
+      raise
+    fail(storage.unwrapped_full_error(e), code=1)
 
 
 def main(argv):

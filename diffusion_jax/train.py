@@ -11,7 +11,6 @@ hosts (the host index enters only through the input pipeline's shard).
 """
 
 import functools
-import io
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ import time
 from typing import Any, Optional
 
 from absl import logging
-from etils import epath
 import flax.struct
 import jax
 from jax.flatten_util import ravel_pytree
@@ -34,12 +32,14 @@ from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
+from diffusion_jax import event_file
 from diffusion_jax import guidance
 from diffusion_jax import host
 from diffusion_jax import images as image_lib
 from diffusion_jax import models
 from diffusion_jax import sampling
 from diffusion_jax import schedule as schedule_lib
+from diffusion_jax import storage
 from diffusion_jax import timestep_sampler
 from diffusion_jax import workdir as workdir_lib
 
@@ -382,64 +382,7 @@ class _Preemption:
       signal.signal(sig, old)
 
 
-class _EpathRecordWriter:
-  """A tensorboardX record writer for URI logdirs (gs://, ...): the event file goes through epath.
-
-  Like tensorboardX's own GCS writer it keeps the file in memory and rewrites
-  it whole on every flush (scalars only: kilobytes to a few megabytes).
-  """
-
-  def __init__(self, path: str):
-    self._path = epath.Path(path)
-    self._buffer = io.BytesIO()
-
-  def write(self, data: bytes):
-    self._buffer.write(data)
-
-  def flush(self):
-    self._path.write_bytes(self._buffer.getvalue())
-
-  def close(self):
-    self.flush()
-
-
-class _EpathWriterFactory:
-  """tensorboardX writer factory (``record_writer.register_writer_factory``) backed by epath."""
-
-  def open(self, path: str) -> _EpathRecordWriter:
-    return _EpathRecordWriter(path)
-
-  def directory_check(self, path: str):
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
-
-
-class _MetricWriter:
-  """TensorBoard scalars (tensorboardX) from process 0 only.
-
-  Local logdirs use tensorboardX's own files; a URI logdir (``gs://...``)
-  registers :class:`_EpathWriterFactory` for its scheme, so no extra
-  dependency (tensorboardX's GCS writer needs google-cloud-storage) is needed.
-  """
-
-  def __init__(self, logdir):
-    self._writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-      from tensorboardX import record_writer
-      logdir = str(logdir)
-      if '://' in logdir:
-        record_writer.register_writer_factory(logdir.split(':')[0], _EpathWriterFactory())
-      self._writer = SummaryWriter(logdir)
-
-  def write(self, step: int, scalars: dict):
-    if self._writer:
-      for k, v in scalars.items():
-        self._writer.add_scalar(k, v, step)
-      self._writer.flush()
-
-  def close(self):
-    if self._writer:
-      self._writer.close()
+_MetricWriter = event_file.MetricWriter   # TensorBoard scalars: synchronous, whole records only
 
 
 def _check_finite(history: list, step: int):
@@ -512,6 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   ``workdir`` is any path ``etils.epath`` accepts (local or ``gs://...``).
   Writes ``workdir/config.json``, ``workdir/checkpoints/`` (orbax),
   ``workdir/tensorboard/`` (event files) and ``workdir/samples/*.png``.
+  A full disk raises :class:`storage.StorageFullError` (one line; the
+  half-written file or checkpoint removed, the earlier checkpoints intact).
   """
   tr = config.training
   model, schedule, optimizer, mesh, state = setup(config)
@@ -525,6 +470,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   manager = ckpt.create_manager(workdir, max_to_keep=tr.keep_checkpoints)
   state = _restore(manager, state, train_iter, tr.num_train_steps, say)
   start = int(state.step)
+  storage.silence_async_noise()   # a full disk is reported once, by the main thread
+  low_space = storage.low_space_warning(workdir, ckpt.state_bytes(state))
+  if low_space:
+    say(low_space)
 
   train_fn = make_train_fn(config, model, schedule, optimizer, mesh)
   batches_sharding = batch_sharding(mesh)
@@ -537,8 +486,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   logging.info('Model: %s parameters; %d devices on %d hosts; global batch %d.',
                f'{param_count:,}', jax.device_count(), jax.process_count(), tr.batch_size)
 
+  saver = ckpt.Saver(manager)
+
   def save(step):
-    ckpt.save(manager, step, state, train_iter.get_state())
+    saver.save(step, state, train_iter.get_state())
 
   pending, history = [], []   # metrics on device / fetched but not yet logged
   t_last, step_last = time.time(), start
@@ -586,9 +537,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
           break
   finally:   # also on an error: the asynchronous save in flight is completed, never lost
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
+    saver.close()   # a full disk: StorageFullError, the partial save removed
   say(f'Outputs in {workdir}:\n  checkpoints: {ckpt.checkpoint_dir(workdir)}\n'
       f'  samples:     {samples_dir}\n  tensorboard: {workdir / "tensorboard"}\n'
       f'  config:      {workdir / workdir_lib.CONFIG_FILE}')

@@ -13,6 +13,8 @@ remote workdir works exactly like a local one. Layout::
 
 from etils import epath
 
+from diffusion_jax import storage
+
 CONFIG_FILE = 'config.json'
 
 
@@ -29,14 +31,14 @@ def as_path(workdir) -> epath.Path:
 
 
 def write_text(path: epath.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temporary file and a rename (all-or-nothing where supported)."""
-  tmp = path.parent / f'.{path.name}.tmp'
-  tmp.write_text(text)
-  tmp.replace(path)
+  """Writes ``text`` to ``path`` via a temporary file and a rename (:func:`storage.write_file`)."""
+  storage.write_file(path, text.encode())
 
 
 def prepare(workdir, config_json: str) -> epath.Path:
   """Creates the workdir if needed and writes ``config.json``; raises WorkdirError if it cannot.
+
+  A full disk raises :class:`storage.StorageFullError` instead (the folder is usable).
 
   Returns:
     The workdir as an absolute ``epath.Path``.
@@ -47,7 +49,7 @@ def prepare(workdir, config_json: str) -> epath.Path:
       raise WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
     path.mkdir(parents=True, exist_ok=True)
     write_text(path / CONFIG_FILE, config_json)
-  except WorkdirError:
+  except (WorkdirError, storage.StorageFullError):
     raise
   except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
     raise WorkdirError(f'cannot write to --workdir {path} ({type(e).__name__}: '
