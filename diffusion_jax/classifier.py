@@ -2,12 +2,13 @@
 
 FID (Heusel et al. 2017) needs the Inception network's weights, which the
 embedded digits default cannot download. Instead the project trains this
-small classifier on the digits training split (seconds on a CPU), caches it in
-the workdir, and reports the Fréchet distance between samples and test digits
-in its penultimate-layer feature space — the same construction as FID with a
-domain-specific network (cf. the LeNet-feature "FID" for MNIST used in
-pytorch-fid's ``lenet.py`` / KID code). The number is comparable between runs
-that use the same cached classifier, not with Inception FIDs.
+small classifier on part of the digits training split (seconds on a CPU),
+caches it in the workdir, and reports Fréchet distances and KID in its
+penultimate-layer feature space, against digits it never saw
+(:mod:`diffusion_jax.classifier_metrics` says which) — the same construction
+as FID with a domain-specific network (cf. the LeNet-feature "FID" for MNIST
+used in pytorch-fid's ``lenet.py`` / KID code). The number is comparable
+between runs that use the same cached classifier, not with Inception FIDs.
 
 Images are float arrays in [-1, 1], NHWC with one channel (``[N, H, W]`` is
 accepted too); any size >= 4x4 works (8x8 for scikit-learn's digits).

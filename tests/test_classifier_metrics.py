@@ -41,3 +41,43 @@ def test_distances_beside_real_data_at_the_same_count():
   assert bad['frechet_distance'] > 14 and bad['frechet_at_n'] > bad['frechet_real_at_n'] + 10
   assert bad['kid'] > 1.0 > 10 * abs(bad['kid_real'])
   assert good['frechet_real_at_n'] > 5 * bad['frechet_real_at_n']   # the bias shrinks with N
+
+
+def test_reference_split_partitions_the_training_digits():
+  parts = classifier_metrics.reference_split(1500, seed=0)
+  assert [len(parts[k]) for k in ('fit', 'reference', 'real')] == [600, 600, 300]
+  np.testing.assert_array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(1500))
+  again = classifier_metrics.reference_split(1500, seed=0)
+  assert all(np.array_equal(parts[k], again[k]) for k in parts)
+  assert not np.array_equal(parts['fit'], classifier_metrics.reference_split(1500, seed=1)['fit'])
+
+
+@pytest.fixture(scope='module')
+def honest_metric(tmp_path_factory):
+  """The real baseline, the reference and distorted copies of the baseline, as features."""
+  from diffusion_jax import classifier  # pylint: disable=g-import-not-at-top
+  config = config_lib.digits_config()
+  config.eval.classifier_steps = 500
+  params = classifier_metrics.load_digit_classifier(config, str(tmp_path_factory.mktemp('wd')))
+  parts = classifier_metrics._split_digits(config)   # pylint: disable=protected-access
+  x_real = parts['real'][0]
+  blurred = (x_real + np.roll(x_real, 1, 1) + np.roll(x_real, 1, 2) + np.roll(x_real, (1, 1), (1, 2))) / 4
+  shuffled = x_real.reshape(len(x_real), -1)[:, np.random.default_rng(0).permutation(64)]
+  features = lambda x: classifier.classifier_features(params, np.asarray(x).reshape((-1,) + x_real.shape[1:]))  # noqa: E731
+  return (features(parts['reference'][0]), features(x_real),
+          {'blurred': features(blurred), 'shuffled': features(shuffled)})
+
+
+def test_real_digits_are_the_floor_kid_within_two_standard_errors_of_zero(honest_metric):
+  ref, real, _ = honest_metric
+  d = classifier_metrics.distances_to_reference(real, real, ref)
+  assert d['kid_real_std'] > 0
+  assert abs(d['kid_real']) < 2 * d['kid_real_std'], (d['kid_real'], d['kid_real_std'])
+
+
+def test_blurred_and_shuffled_digits_are_clearly_worse_than_real(honest_metric):
+  ref, real, distorted = honest_metric
+  for name, feats in distorted.items():
+    d = classifier_metrics.distances_to_reference(feats, real, ref)
+    assert d['frechet_at_n'] > 3 * d['frechet_real_at_n'], name
+    assert d['kid'] > d['kid_real'] + 10 * d['kid_std'], name

@@ -167,16 +167,17 @@ def test_metrics_json_classifier_and_fid_message(workdir, eval_run):
   cls = m['classifier']
   assert cls['reference'].startswith('train split')
   assert 0.0 <= cls['test_accuracy'] <= 1.0
-  assert math.isfinite(cls['frechet_test_vs_train']) and cls['frechet_test_vs_train'] >= 0
+  for key in ('frechet_real_vs_reference', 'frechet_test_vs_reference'):
+    assert math.isfinite(cls[key]) and cls[key] >= 0, key
   for label in ('ancestral', 'ddim10'):
     assert cls[label]['num_samples'] == 32
     assert math.isfinite(cls[label]['frechet_distance']) and cls[label]['frechet_distance'] >= 0
-    # Beside the real test digits at the same count (32 < 297 test digits), and KID.
+    # Beside the real baseline digits at the same count (32 < 300 of them), and KID.
     assert cls[label]['num_compared'] == 32
     for key in ('frechet_at_n', 'frechet_real_at_n', 'kid', 'kid_real'):
       assert math.isfinite(cls[label][key]), key
     np.testing.assert_allclose(cls[label]['frechet_at_n'], cls[label]['frechet_distance'])
-    assert cls[label]['kid_real'] == cls['kid_test_vs_train']
+    assert cls[label]['kid_real'] == cls['kid_real_vs_reference']
     assert sum(cls[label]['class_histogram']) == 32
     with np.load(os.path.join(workdir, 'eval', f'samples_{label}_step4.npz')) as f:
       assert f['images'].dtype == np.uint8 and f['images'].shape == (32, 8, 8, 1)

@@ -60,3 +60,25 @@ def test_kernel_and_errors():
   np.testing.assert_allclose(kernel_distance.polynomial_kernel(x, x), [[(5 / 2 + 1) ** 3]])
   with pytest.raises(ValueError, match='at least 2 points'):
     kernel_distance.mmd2_unbiased(x, np.zeros((3, 2)))
+
+
+def test_jackknife_standard_error_matches_the_spread_over_independent_draws():
+  """The jackknife SE of the full-set estimate equals its std over many independent data sets."""
+  rng = np.random.default_rng(2)
+  d, m, n = 4, 60, 90
+  draws, ses = [], []
+  for _ in range(300):
+    x, y = rng.standard_normal((m, d)), 0.3 + rng.standard_normal((n, d))
+    value, se = kernel_distance.mmd2_with_stderr(x, y)
+    np.testing.assert_allclose(value, kernel_distance.mmd2_unbiased(x, y), rtol=1e-10)
+    draws.append(value)
+    ses.append(se)
+  np.testing.assert_allclose(np.mean(ses), np.std(draws), rtol=0.2)
+  np.testing.assert_allclose(np.mean(draws), closed_form_kid(0.3, d), rtol=0.15)
+  # Leave-one-out estimates from the row sums equal brute-force recomputation.
+  x, y = rng.standard_normal((5, d)), rng.standard_normal((4, d))
+  loo = [kernel_distance.mmd2_unbiased(np.delete(x, i, 0), y) for i in range(5)]
+  loo += [kernel_distance.mmd2_unbiased(x, np.delete(y, j, 0)) for j in range(4)]
+  lx, ly = np.array(loo[:5]), np.array(loo[5:])
+  expected = np.sqrt(4 / 5 * np.sum((lx - lx.mean()) ** 2) + 3 / 4 * np.sum((ly - ly.mean()) ** 2))
+  np.testing.assert_allclose(kernel_distance.mmd2_with_stderr(x, y)[1], expected, rtol=1e-10)
