@@ -69,6 +69,10 @@ ORACLE_RUNS = {
     'ddim_learned_range': lambda s, m, m2, r: sampling.ddim_sample_loop(
         s, m2, r, SHAPE, num_steps=10),
     'pc': lambda s, m, m2, r: sampling.pc_sample_loop(s, m, r, SHAPE, num_corrector_steps=2),
+    'dpm_solver2_uniform10': lambda s, m, m2, r: sampling.dpm_solver_sample_loop(
+        s, m, r, SHAPE, num_steps=10),
+    'dpm_solver3_quadratic7_learned_range': lambda s, m, m2, r: sampling.dpm_solver_sample_loop(
+        s, m2, r, SHAPE, num_steps=7, order=3, skip_type='quadratic'),
 }
 
 
@@ -274,6 +278,8 @@ SAMPLER_CALLS = {
     'ddim': lambda s, m, r: sampling.ddim_sample_loop(s, m, r, SHAPE, num_steps=10, eta=0.5),
     'pc': lambda s, m, r: sampling.pc_sample_loop(s, m, r, SHAPE, num_corrector_steps=3),
     'pc_respaced': lambda s, m, r: sampling.pc_sample_loop(s, m, r, SHAPE, num_steps=10),
+    'dpm_solver3': lambda s, m, r: sampling.dpm_solver_sample_loop(s, m, r, SHAPE, num_steps=10,
+                                                                   order=3),
 }
 
 
@@ -306,6 +312,97 @@ def test_jitted_sampler_compiles_once(sched):
   assert not np.allclose(a, b)
 
 
+# --- DPM-Solver++ -----------------------------------------------------------------------------
+
+
+def test_dpm_solver_orders_warm_up_and_lower_order_final():
+  np.testing.assert_array_equal(sampling.dpm_solver_orders(6, 3), [1, 2, 3, 2, 1, 1])
+  np.testing.assert_array_equal(sampling.dpm_solver_orders(6, 2), [1, 2, 2, 2, 1, 1])
+  np.testing.assert_array_equal(sampling.dpm_solver_orders(6, 3, lower_order_final=False),
+                                [1, 2, 3, 3, 3, 1])   # the update to abar = 1 is always first order
+  np.testing.assert_array_equal(sampling.dpm_solver_orders(1, 3), [1])
+  with pytest.raises(ValueError, match='order must be an integer in'):
+    sampling.dpm_solver_orders(5, 4)
+
+
+def test_dpm_solver_order1_is_ddim_eta0(sched):
+  model_fn = gaussian_model(sched, 0.2, 0.7)
+  run = jax.jit(lambda r: [
+      f(sched, model_fn, r, SHAPE, num_steps=n, skip_type=skip, clip_denoised=False, **kw)
+      for n, skip in ((10, 'uniform'), (7, 'quadratic'))
+      for f, kw in ((sampling.dpm_solver_sample_loop, dict(order=1)), (sampling.ddim_sample_loop, {}))])
+  a, b, c, d = run(jax.random.PRNGKey(5))
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(c, d, rtol=1e-5, atol=1e-5)
+
+
+def test_dpm_solver_mean_types_give_the_same_samples(sched):
+  """eps, x0 and v outputs of one optimal model are converted to the same data prediction."""
+  eps_fn = gaussian_model(sched, -0.1, 0.5)
+
+  def as_mean_type(mean_type):
+    def model_fn(x, t):
+      eps = eps_fn(x, t)
+      x0 = diffusion.predict_x0(sched, eps, x, t, mean_type='eps')
+      if mean_type == 'x0':
+        return x0
+      abar = diffusion.extract(sched.alphas_cumprod, t, x.shape)
+      return jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0
+    return model_fn
+
+  run = jax.jit(lambda r: [sampling.dpm_solver_sample_loop(
+      sched, eps_fn if m == 'eps' else as_mean_type(m), r, SHAPE, num_steps=8, order=3,
+      mean_type=m) for m in ('eps', 'x0', 'v')])
+  eps, x0, v = run(jax.random.PRNGKey(1))
+  np.testing.assert_allclose(x0, eps, atol=2e-5)
+  np.testing.assert_allclose(v, eps, atol=2e-5)
+
+
+def gaussian_flow_to_data(s, mu, sigma, x, t):
+  """The exact probability-flow map of N(mu, sigma^2) data from index t to abar = 1 (float64).
+
+  Along the ODE the standardised value (x_t - sqrt(abar) mu) / sqrt(abar sigma^2 + 1 - abar)
+  is constant, and at abar = 1 the standard deviation is sigma.
+  """
+  abar = float(np.cumprod(1.0 - np.asarray(s.betas, np.float64))[t])
+  z = (np.asarray(x, np.float64) - np.sqrt(abar) * mu) / np.sqrt(abar * sigma ** 2 + 1 - abar)
+  return mu + sigma * z
+
+
+def test_dpm_solver_error_falls_faster_than_ddims_as_the_steps_double():
+  """On Gaussian data (exact eps, exact ODE map) DDIM is first order, DPM-Solver++(2M) second."""
+  s = make_schedule('linear', 1000)
+  mu, sigma = 0.3, 0.2
+  model_fn = gaussian_model(s, mu, sigma)
+  steps = (20, 80)
+  x_T = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
+  run = jax.jit(lambda x: {(o, n): sampling.dpm_solver_sample_loop(
+      s, model_fn, jax.random.PRNGKey(1), SHAPE, num_steps=n, order=o, x_T=x)
+      for o in (1, 2, 3) for n in steps})
+  out = run(x_T)
+  err = {}
+  for (o, n), x0 in out.items():
+    t_start = int(sampling.ddim_timesteps(1000, n)[-1])
+    err[o, n] = np.abs(np.asarray(x0, np.float64)
+                       - gaussian_flow_to_data(s, mu, sigma, x_T, t_start)).max()
+  # Two doublings: first order gains about 4x, second order about 16x.
+  assert 3.0 < err[1, 20] / err[1, 80] < 5.0, err
+  assert err[2, 20] / err[2, 80] > 10 and err[3, 20] / err[3, 80] > 10, err
+  assert err[2, 80] < err[1, 80] / 4 and err[3, 80] < err[1, 80] / 4, err
+
+
+def test_dpm_solver_repeated_timesteps_are_no_ops():
+  """The quadratic grid repeats its first timesteps at many steps: finite, and the oracle's point."""
+  s = make_schedule('linear', 1000)
+  assert np.any(np.diff(sampling.ddim_timesteps(1000, 80, 'quadratic')) == 0)
+  x0 = jax.random.uniform(jax.random.PRNGKey(3), SHAPE, minval=-0.9, maxval=0.9)
+  out = jax.jit(lambda r: [sampling.dpm_solver_sample_loop(
+      s, oracle_model(s, x0), r, SHAPE, num_steps=80, order=o, skip_type='quadratic')
+      for o in (2, 3)])(jax.random.PRNGKey(0))
+  for x in out:
+    np.testing.assert_allclose(x, x0, atol=1e-4)
+
+
 # --- from a config --------------------------------------------------------------------------------
 
 
@@ -323,7 +420,7 @@ def small_config(sampler):
 def test_sample_from_config_dispatch(monkeypatch):
   """Each sampler gets the config's arguments (recorded, not run: no compilation)."""
   calls = {}
-  for fn in ('p_sample_loop', 'ddim_sample_loop', 'pc_sample_loop'):
+  for fn in ('p_sample_loop', 'ddim_sample_loop', 'pc_sample_loop', 'dpm_solver_sample_loop'):
     monkeypatch.setattr(sampling, fn, lambda *a, _fn=fn, **kw: calls.setdefault(_fn, (a, kw)))
   s, rng = make_schedule('linear', 20), jax.random.PRNGKey(10)
   config = small_config('ancestral')
@@ -346,6 +443,12 @@ def test_sample_from_config_dispatch(monkeypatch):
   assert calls['pc_sample_loop'][1] == dict(num_steps=5, snr=0.1, num_corrector_steps=2,
                                             var_type='fixed_large', mean_type='eps',
                                             clip_denoised=False, x_T=None)
+  config = small_config('dpm_solver')
+  config.sampling.solver_order = 3
+  config.diffusion.mean_type = 'x0'
+  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
+  assert calls['dpm_solver_sample_loop'][1] == dict(num_steps=5, order=3, skip_type='uniform',
+                                                    mean_type='x0', clip_denoised=False, x_T=None)
   with pytest.raises(ValueError, match=r"sampling\.sampler.*'ancestral'.*'ddim'.*'pc'"):
     sampling.sample_from_config(small_config('euler'), s, zero_model, rng, SHAPE)
 
