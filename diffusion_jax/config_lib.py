@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = 'ancestral'  # ancestral | ddim | pc | dpm_solver | ode
   sampling.num_steps = 1000       # ddim / pc / dpm_solver: number of steps (model calls); ancestral: always T
+  sampling.ancestral_steps = 0     # ancestral: 0 = all T steps; n < T = respaced to n steps (iDDPM §4)
   sampling.solver_order = 2       # dpm_solver: DPM-Solver++ multistep order, 1..3 (1 = DDIM, eta 0)
   sampling.ode_rtol = 1e-5        # ode: probability-flow ODE tolerances (diffrax, adaptive step)
   sampling.ode_atol = 1e-5
@@ -123,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
   ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
   ev.guidance_scales = '0,0.5,1,2,3'  # part 'guidance': w of the fidelity/diversity curve
+  ev.nfe_calls = '5,10,20,50,100'  # part 'nfe_curve': model-call budgets of ddim / dpm_solver2,3 / ancestral
+  ev.nfe_ode_rtols = '1e-3,1e-5'   # part 'nfe_curve': probability-flow ODE tolerances
 
   # --- controllable generation (--mode inpaint / --mode edit) ---------------
   config.inpaint = inpaint = ml_collections.ConfigDict()
@@ -305,6 +308,9 @@ def validate_config(config) -> None:
   sp = config.sampling
   _allowed('sampling.sampler', sp.sampler, ('ancestral', 'ddim', 'pc', 'dpm_solver', 'ode'))
   _allowed('sampling.solver_order', sp.get('solver_order', 2), (1, 2, 3))
+  if not 0 <= sp.get('ancestral_steps', 0) <= d.num_timesteps:
+    raise ValueError(f'sampling.ancestral_steps must be in [0, diffusion.num_timesteps='
+                     f'{d.num_timesteps}] (0: all steps), got {sp.ancestral_steps}.')
   _positive('sampling.ode_rtol', sp.get('ode_rtol', 1e-5))
   _positive('sampling.ode_atol', sp.get('ode_atol', 1e-5))
   _allowed('sampling.skip_type', sp.skip_type, ('uniform', 'quadratic'))

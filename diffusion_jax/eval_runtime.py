@@ -15,6 +15,7 @@ files; every process takes part in the (sharded) computations.
 
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import json
@@ -96,6 +97,17 @@ def write_bytes(path, data: bytes) -> None:
 
 def write_json(path, obj: dict) -> None:
   write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_csv(path, columns, rows) -> None:
+  """``rows`` (dicts) as CSV with a header of ``columns``; absent/None cells empty, numbers as %.8g."""
+  text = io.StringIO(newline='')
+  writer = csv.writer(text)
+  writer.writerow(columns)
+  for row in rows:
+    writer.writerow(['' if row.get(c) is None else
+                     (row[c] if isinstance(row[c], str) else f'{row[c]:.8g}') for c in columns])
+  write_bytes(path, text.getvalue().encode())
 
 
 def read_json(path) -> dict:

@@ -27,6 +27,9 @@ part             module                                  output
                                                          probability-flow ODE (score SDE App. D),
                                                          uniformly dequantised, with the bound's
                                                          bits/dim beside it
+``nfe_curve``    :mod:`diffusion_jax.nfe_curve`          ``nfe_curve.csv`` / ``.png``: sample
+                                                         quality against model calls for DDIM,
+                                                         DPM-Solver++, respaced ancestral, ODE
 ===============  ======================================  =====================================
 
 Sample sets for ``fid`` and ``classifier`` come from :mod:`diffusion_jax.samples`.
@@ -50,13 +53,14 @@ from diffusion_jax import eval_runtime as rt
 from diffusion_jax import figures
 from diffusion_jax import fid
 from diffusion_jax import guidance_sweep
+from diffusion_jax import nfe_curve
 from diffusion_jax import rate_distortion
 from diffusion_jax import samples
 from diffusion_jax import sde
 from diffusion_jax.samples import sample  # noqa: F401  (--mode sample, called by main.py)
 from diffusion_jax.schedule import Schedule
 
-PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance', 'ode_bpd')
+PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance', 'ode_bpd', 'nfe_curve')
 
 # Distinct streams of randomness, folded into PRNGKey(config.seed).
 RNG_BPD, RNG_FIGURES, RNG_ODE_BPD = 0xB9D, 0xF16, 0x0DE
@@ -205,6 +209,17 @@ def _part_guidance(ctx: _Context) -> dict:
   return dict(csv=csv_path, png=png_path, rows=rows)
 
 
+def _part_nfe_curve(ctx: _Context) -> dict:
+  if ctx.config.model.get('num_classes', 0):
+    msg = 'nfe curve skipped: it is for unconditional models (model.num_classes=0).'
+    rt.say(f'  {msg}')
+    return {'skipped': msg}
+  rows = nfe_curve.nfe_curve(ctx.config, ctx.workdir, ctx.schedule, ctx.apply_fn, ctx.params)
+  csv_path, png_path = nfe_curve.write_nfe_curve(rows, ctx.eval_dir)
+  rt.say(f'  {csv_path}\n  {png_path}')
+  return dict(csv=csv_path, png=png_path, rows=rows)
+
+
 def _part_ode_bpd(ctx: _Context) -> dict:
   """Bits/dim under the probability-flow ODE of ``eval.num_ode_bpd_examples`` test images.
 
@@ -252,6 +267,7 @@ _PART_FNS = {
     'classifier': ('digit-classifier Fréchet distance and KID', _part_classifier),
     'guidance': ('metrics per classifier-free guidance scale', _part_guidance),
     'ode_bpd': ('test-set bits/dim under the probability-flow ODE', _part_ode_bpd),
+    'nfe_curve': ('sample quality per model call', _part_nfe_curve),
 }
 
 

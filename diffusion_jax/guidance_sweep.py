@@ -15,8 +15,6 @@ Writes ``eval/guidance.csv`` (one row per w) and ``eval/guidance.png``.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 
 from diffusion_jax import classifier_metrics
@@ -82,12 +80,7 @@ def write_guidance_curve(rows: list[dict], eval_dir: str) -> tuple[str, str]:
   csv_path, png_path = rt.join(eval_dir, 'guidance.csv'), rt.join(eval_dir, 'guidance.png')
   if not rt.is_main():
     return csv_path, png_path
-  text = io.StringIO(newline='')
-  writer = csv.writer(text)
-  writer.writerow(COLUMNS)
-  for row in rows:
-    writer.writerow(['' if row.get(c) is None else f'{row[c]:.8g}' for c in COLUMNS])
-  rt.write_bytes(csv_path, text.getvalue().encode())
+  rt.write_csv(csv_path, COLUMNS, rows)
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -28,19 +28,23 @@ RNG_SAMPLE, RNG_SETS = 0x5A3E, 0x5E75
 
 
 def sampler_name_and_steps(config) -> tuple[str, int]:
-  """(sampler, steps) of ``config.sampling``; the ancestral sampler always runs T steps."""
+  """(sampler, steps) of ``config.sampling``; ancestral: T steps, or ``sampling.ancestral_steps``."""
   sc = config.sampling
-  steps = config.diffusion.num_timesteps if sc.sampler == 'ancestral' else int(sc.num_steps)
+  if sc.sampler == 'ancestral':
+    return sc.sampler, int(sc.get('ancestral_steps', 0)) or config.diffusion.num_timesteps
+  steps = int(sc.num_steps)
   return sc.sampler, steps
 
 
 def run_tag(config) -> str:
-  """Names a ``--mode sample`` run after its sampler: the steps, or ``rtol<r>`` for the ODE.
+  """Names a ``--mode sample`` run after its sampler: the steps (and DPM-Solver++'s order), or ``rtol<r>`` for the ODE.
 
   The probability-flow ODE (``sampling.sampler='ode'``) takes as many adaptive
   steps as its tolerance needs, so its files are named by ``sampling.ode_rtol``.
   """
   name, steps = sampler_name_and_steps(config)
+  if name == 'dpm_solver':
+    return f'{steps}_order{int(config.sampling.get("solver_order", 2))}'
   return f'rtol{float(config.sampling.ode_rtol):g}' if name == 'ode' else str(steps)
 
 

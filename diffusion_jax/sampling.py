@@ -483,9 +483,11 @@ def pc_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: Opt
 
 
 def sample_from_config(config, s: Schedule, model_fn: ModelFn, rng, shape, *, x_T=None):
-  """Runs the sampler named by ``config.sampling.sampler`` (ancestral | ddim | pc).
+  """Runs the sampler named by ``config.sampling.sampler`` (ancestral | ddim | pc | dpm_solver | ode).
 
-  Uses ``sampling.num_steps`` (ddim, pc; ancestral always runs T steps),
+  Uses ``sampling.num_steps`` (ddim, pc, dpm_solver), ``sampling.ancestral_steps``
+  (ancestral: 0 = all T steps, n < T = the respaced chain of n steps),
+  ``sampling.solver_order`` (dpm_solver),
   ``sampling.eta`` and ``sampling.skip_type`` (ddim), ``sampling.pc_snr`` and
   ``sampling.pc_corrector_steps`` (pc), ``sampling.ode_rtol`` / ``ode_atol`` (ode:
   :func:`sde.probability_flow_sample`, which prints its number of model calls), and ``diffusion.mean_type``,
@@ -496,6 +498,10 @@ def sample_from_config(config, s: Schedule, model_fn: ModelFn, rng, shape, *, x_
   common = dict(mean_type=dc.mean_type, clip_denoised=bool(dc.get('clip_denoised', True)),
                 x_T=x_T)
   if sampler == 'ancestral':
+    n = int(sc.get('ancestral_steps', 0))
+    if 0 < n < s.num_timesteps:   # respaced (iDDPM §4): n steps, n model calls
+      s, wrap = respace_schedule(s, uniform_timesteps(s.num_timesteps, n))
+      model_fn = wrap(model_fn)
     return p_sample_loop(s, model_fn, rng, shape, var_type=dc.var_type, **common)
   if sampler == 'ddim':
     return ddim_sample_loop(s, model_fn, rng, shape, num_steps=sc.num_steps,

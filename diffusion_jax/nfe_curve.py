@@ -1,0 +1,169 @@
+"""Sample quality per model call: the fast samplers side by side (eval part ``nfe_curve``).
+
+Every sampler of the project reads the same trained eps-model; what differs is
+how many times it calls it (the number of function evaluations, NFE) and how
+well its samples match the data at that budget:
+
+- ``ddim``: DDIM with eta = 0 (Song, Meng & Ermon 2021, eq. 12), N calls;
+- ``dpm_solver2`` / ``dpm_solver3``: DPM-Solver++ multistep (Lu et al. 2022),
+  N calls on the same grid;
+- ``ancestral``: DDPM's Algorithm 2 on a respaced schedule of N steps
+  (Nichol & Dhariwal 2021, §4: ``sampling.ancestral_steps``), N calls;
+- ``ode``: the probability-flow ODE (:mod:`diffusion_jax.sde`) with an adaptive
+  solver at each tolerance of ``eval.nfe_ode_rtols``; its NFE is what the
+  solver needed, averaged over the chunks.
+
+For each (sampler, budget) of ``eval.nfe_calls`` it draws
+``eval.num_fid_samples`` images (the same x_T for every sampler) and scores
+them with the metrics at hand: on digits the classifier distance and KID of
+:mod:`classifier_metrics` (beside real digits, the floor), with
+``eval.inception_path`` FID / KID / IS (:mod:`fid`). Wall times include each
+sampler's compilation, as a user running it once would see.
+
+Writes ``eval/nfe_curve.csv`` (one row per sampler and budget) and
+``eval/nfe_curve.png`` (distance against model calls, log x axis).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from diffusion_jax import classifier_metrics
+from diffusion_jax import eval_runtime as rt
+from diffusion_jax import fid
+from diffusion_jax import images as image_lib
+from diffusion_jax import samples
+from diffusion_jax import sde
+
+SAMPLERS = ('ddim', 'dpm_solver2', 'dpm_solver3', 'ancestral')
+COLUMNS = ('sampler', 'nfe', 'num_samples', 'wall_s', 'classifier_frechet_at_n',
+           'classifier_frechet_real_at_n', 'classifier_kid', 'classifier_kid_std', 'fid', 'kid',
+           'inception_score')
+RNG_NFE = 0x0FE   # folded into PRNGKey(config.seed): every sampler starts from the same x_T
+
+
+def parse_numbers(field: str, spec, kind=int) -> list:
+  """``'5,10,20'`` -> ``[5, 10, 20]``; ValueError naming ``field`` on anything not positive."""
+  items = [s.strip() for s in str(spec or '').split(',') if s.strip()]
+  try:
+    values = [kind(s) for s in items]
+  except ValueError:
+    values = []
+  if not values or any(not v > 0 for v in values):
+    raise ValueError(f'{field}={spec!r} must be a comma-separated list of positive numbers, '
+                     'e.g. "5,10,20,50,100".')
+  return values
+
+
+def sampler_config(config, sampler: str, calls: int):
+  """A copy of ``config`` whose ``sampling`` section runs ``sampler`` with ``calls`` model calls."""
+  cfg = config.copy_and_resolve_references()
+  sc = cfg.sampling
+  if sampler == 'ddim':
+    sc.sampler, sc.num_steps, sc.eta = 'ddim', calls, 0.0
+  elif sampler.startswith('dpm_solver'):
+    sc.sampler, sc.num_steps, sc.solver_order = 'dpm_solver', calls, int(sampler[-1])
+  elif sampler == 'ancestral':
+    sc.sampler, sc.ancestral_steps = 'ancestral', calls
+  else:
+    raise ValueError(f'nfe_curve: unknown sampler {sampler!r}; allowed: {", ".join(SAMPLERS)}.')
+  return cfg
+
+
+def ode_samples(config, schedule, apply_fn, params, rng, num: int, rtol: float):
+  """(uint8 images ``[num, H, W, C]``, mean NFE): the probability-flow ODE at ``rtol`` (= atol).
+
+  Chunk ``i`` of ``sampling.batch_size`` draws x_T from ``fold_in(rng, i)``,
+  as :func:`samples.generate_labeled_samples` does for the other samplers.
+  """
+  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+  chunk = min(int(config.sampling.batch_size), num)
+  shape = sampling.sample_shape(config, chunk)
+  solve = jax.jit(lambda p, r: sde.probability_flow_sample(
+      schedule, lambda x, t: apply_fn(p, x, t), r, shape, rtol=rtol, atol=rtol,
+      mean_type=config.diffusion.mean_type))
+  out, nfe = [], []
+  for i in range(-(-num // chunk)):
+    x, n = solve(params, jax.random.fold_in(rng, i))
+    out.append(image_lib.to_uint8(np.asarray(x)))
+    nfe.append(int(n))
+  return np.concatenate(out)[:num], float(np.mean(nfe))
+
+
+def score_row(config, workdir: str, name: str, images: np.ndarray) -> dict:
+  """The metrics available for ``config`` of one sample set (digits classifier, Inception)."""
+  row = {}
+  if config.data.name == 'digits':
+    c = classifier_metrics.classifier_metrics(config, workdir, {name: images})[name]
+    row.update(classifier_frechet_at_n=c['frechet_at_n'],
+               classifier_frechet_real_at_n=c['frechet_real_at_n'],
+               classifier_kid=c['kid'], classifier_kid_std=c['kid_std'])
+  if config.eval.inception_path:
+    f = fid.fid_metrics(config, workdir, {name: images})[name]
+    row.update(fid=f['fid'], kid=f.get('kid'), inception_score=f['inception_score'])
+  return row
+
+
+def nfe_curve(config, workdir: str, schedule, apply_fn, params) -> list[dict]:
+  """One row per (sampler, budget) of ``eval.nfe_calls`` and per ODE tolerance (module docstring)."""
+  if config.model.get('num_classes', 0):
+    raise ValueError('the nfe_curve part is for unconditional models (model.num_classes=0); '
+                     'use part guidance for class-conditional ones.')
+  calls = parse_numbers('eval.nfe_calls', config.eval.get('nfe_calls', '5,10,20,50,100'))
+  rtols = parse_numbers('eval.nfe_ode_rtols', config.eval.get('nfe_ode_rtols', '1e-3,1e-5'),
+                        float)
+  num = int(config.eval.num_fid_samples)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_NFE)
+  rows = []
+
+  def add(name, nfe, images, start):
+    row = dict(sampler=name, nfe=nfe, num_samples=int(len(images)),
+               wall_s=round(time.perf_counter() - start, 2))
+    row.update(score_row(config, workdir, f'{name}_nfe{nfe:g}', images))
+    rows.append(row)
+    shown = row.get('classifier_frechet_at_n', row.get('fid'))
+    rt.say(f'  {name:12s} {nfe:6.1f} model calls: {row["wall_s"]:7.1f} s'
+           + ('' if shown is None else f', distance {shown:.3f}'))
+
+  for sampler in SAMPLERS:
+    for n in calls:
+      if n > schedule.num_timesteps:
+        continue
+      start = time.perf_counter()
+      images = samples.generate_samples(sampler_config(config, sampler, n), schedule, apply_fn,
+                                        params, rng, num, desc=f'  {sampler} {n}',
+                                        progress=False)
+      add(sampler, float(n), images, start)
+  for rtol in rtols:
+    start = time.perf_counter()
+    images, nfe = ode_samples(config, schedule, apply_fn, params, rng, num, rtol)
+    add(f'ode_rtol{rtol:g}', nfe, images, start)
+  return rows
+
+
+def write_nfe_curve(rows: list[dict], eval_dir: str) -> tuple[str, str]:
+  """``nfe_curve.csv`` (:data:`COLUMNS`) and ``nfe_curve.png`` (distance vs model calls, log x)."""
+  csv_path, png_path = rt.join(eval_dir, 'nfe_curve.csv'), rt.join(eval_dir, 'nfe_curve.png')
+  if not rt.is_main():
+    return csv_path, png_path
+  rt.write_csv(csv_path, COLUMNS, rows)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  metric = next((c for c in ('classifier_frechet_at_n', 'fid') if any(c in r for r in rows)), None)
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  if metric is not None:
+    for name in dict.fromkeys(r['sampler'] for r in rows):
+      pts = [(r['nfe'], r[metric]) for r in rows if r['sampler'] == name]
+      ax.plot(*zip(*pts), 'o-' if len(pts) > 1 else 's', label=name)
+    real = [r['classifier_frechet_real_at_n'] for r in rows if 'classifier_frechet_real_at_n' in r]
+    if real:
+      ax.axhline(real[0], color='gray', ls='--', label='real digits (floor)')
+    ax.set(xscale='log', xlabel='model calls (NFE)', ylabel=metric)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which='both')
+  rt.save_titled_figure(fig, png_path, 'Sample quality per model call')
+  return csv_path, png_path

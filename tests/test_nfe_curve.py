@@ -1,0 +1,76 @@
+"""Tests for diffusion_jax.nfe_curve: quality per model call (eval part ``nfe_curve``)."""
+
+import csv
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import config_lib, models, nfe_curve, sampling
+from diffusion_jax import schedule as schedule_lib
+
+
+def test_parse_numbers_names_the_field():
+  assert nfe_curve.parse_numbers('eval.nfe_calls', '5, 10,20') == [5, 10, 20]
+  assert nfe_curve.parse_numbers('eval.nfe_ode_rtols', '1e-3', float) == [1e-3]
+  for bad in ('', '5,x', '0,5', '-1'):
+    with pytest.raises(ValueError, match=r'eval\.nfe_calls=.*positive numbers'):
+      nfe_curve.parse_numbers('eval.nfe_calls', bad)
+
+
+def test_sampler_config_sets_the_budget():
+  config = config_lib.digits_config()
+  ddim = nfe_curve.sampler_config(config, 'ddim', 10).sampling
+  assert (ddim.sampler, ddim.num_steps, ddim.eta) == ('ddim', 10, 0.0)
+  dpm = nfe_curve.sampler_config(config, 'dpm_solver3', 20).sampling
+  assert (dpm.sampler, dpm.num_steps, dpm.solver_order) == ('dpm_solver', 20, 3)
+  anc = nfe_curve.sampler_config(config, 'ancestral', 50).sampling
+  assert (anc.sampler, anc.ancestral_steps) == ('ancestral', 50)
+  assert config.sampling.ancestral_steps == 0 and config.sampling.solver_order == 2   # a copy
+  with pytest.raises(ValueError, match='unknown sampler'):
+    nfe_curve.sampler_config(config, 'euler', 5)
+
+
+def test_respaced_ancestral_calls_the_model_n_times_at_the_grid():
+  """``sampling.ancestral_steps = n`` runs the respaced chain: n calls at evenly spaced t."""
+  config = config_lib.digits_config()
+  config.sampling.sampler, config.sampling.ancestral_steps = 'ancestral', 5
+  s = schedule_lib.make_schedule('linear', 1000)
+  seen = []
+
+  def model_fn(x, t):
+    jax.debug.callback(lambda t: seen.append(int(t[0])), t)
+    return 0.0 * x
+
+  jax.block_until_ready(sampling.sample_from_config(config, s, model_fn, jax.random.PRNGKey(0),
+                                                    (2, 8, 8, 1)))
+  assert seen == sorted(sampling.uniform_timesteps(1000, 5).tolist(), reverse=True)
+
+
+@pytest.mark.slow
+def test_nfe_curve_writes_one_row_per_sampler_and_budget(tmp_path):
+  config = config_lib.digits_config()
+  config.model.ch, config.model.ch_mult, config.model.num_groups = 16, (1, 2), 8
+  config.diffusion.num_timesteps = 20
+  config.eval.num_fid_samples, config.eval.classifier_steps = 16, 50
+  config.eval.nfe_calls, config.eval.nfe_ode_rtols = '2,4', '1e-2'
+  config.sampling.batch_size = 16
+  model = models.create_model(config)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32),
+                      np.zeros((1,), np.int32))
+  apply_fn = lambda p, x, t: model.apply(p, x, t, train=False)  # noqa: E731
+  s = schedule_lib.schedule_from_config(config)
+  rows = nfe_curve.nfe_curve(config, str(tmp_path), s, apply_fn, params)
+  assert [(r['sampler'], r['nfe']) for r in rows[:-1]] == [
+      (name, n) for name in nfe_curve.SAMPLERS for n in (2.0, 4.0)]
+  assert rows[-1]['sampler'] == 'ode_rtol0.01' and rows[-1]['nfe'] >= 2
+  for r in rows:
+    assert r['num_samples'] == 16 and r['wall_s'] > 0
+    assert np.isfinite(r['classifier_frechet_at_n']) and np.isfinite(r['classifier_kid'])
+  csv_path, png_path = nfe_curve.write_nfe_curve(rows, str(tmp_path / 'eval'))
+  with open(csv_path) as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == list(nfe_curve.COLUMNS) and len(table) == len(rows)
+  assert table[0]['sampler'] == 'ddim' and table[0]['fid'] == ''
+  assert os.path.getsize(png_path) > 0
