@@ -225,7 +225,9 @@ def _part_ode_bpd(ctx: _Context) -> dict:
 
   An upper bound on the discrete images' bits/dim (one uniform dequantisation
   per image, score_sde's estimator) beside the variational bound of part ``bpd``
-  (``bound_bpd``, read from ``bpd.json`` when it holds this checkpoint).
+  (``bound_bpd``, read from ``bpd.json`` when it holds this checkpoint; and
+  ``bound_bpd_same_images``, the bound of the same images, when ``bpd`` ran
+  in the same call).
   """
   cfg = ctx.config
   num = int(cfg.eval.get('num_ode_bpd_examples', 64))
@@ -250,10 +252,15 @@ def _part_ode_bpd(ctx: _Context) -> dict:
     if bound.get('step') == ctx.step:
       summary.update(bound_bpd=bound['total_bpd'], bound_bpd_stderr=bound['total_bpd_stderr'],
                      bound_num_examples=bound['num_examples'])
+  same = ctx.cache.get('bpd', {}).get('total_bpd')   # part bpd ran in this call: per image
+  if same is not None and len(same) >= n:
+    summary['bound_bpd_same_images'] = float(np.mean(same[:n]))
   path = rt.join(ctx.eval_dir, 'ode_bpd.json')
   rt.write_json(path, summary)
   beside = (f'; bound {summary["bound_bpd"]:.4f} ± {summary["bound_bpd_stderr"]:.4f} '
             f'({summary["bound_num_examples"]} images)' if 'bound_bpd' in summary else '')
+  if 'bound_bpd_same_images' in summary:
+    beside += f', {summary["bound_bpd_same_images"]:.4f} on these {n}'
   rt.say(f'  ODE {summary["bpd"]:.4f} ± {summary["bpd_stderr"]:.4f} bits/dim ({n} images, '
          f'{summary["nfe"]:.0f} model calls per batch, {summary["wall_s"]} s){beside} -> {path}')
   return summary

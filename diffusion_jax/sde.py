@@ -148,7 +148,8 @@ def _solve(s: Schedule, model_fn: ModelFn, y0, forward: bool, *, rtol: float, at
   (its error estimate stays small while x drifts by ~1e-3 against the closed
   form, whatever the tolerance); in u the vector field has no beta at all.
   The whole batch is one ODE (one step-size sequence, the error norm over all
-  of it), as in score_sde's ``get_ode_sampler`` / ``get_likelihood_fn``.
+  of it), as in score_sde's ``get_ode_sampler`` / ``get_likelihood_fn``. A
+  solve that needs more than ``max_steps`` steps returns NaN.
 
   ``divergence(drift, x) -> (f, div)`` adds a per-example log-density state
   (``y0 = (x, delta)``, d delta / du = div).
@@ -168,8 +169,11 @@ def _solve(s: Schedule, model_fn: ModelFn, y0, forward: bool, *, rtol: float, at
       diffrax.ODETerm(field), diffrax.Tsit5(), t0=u0 if forward else u1,
       t1=u1 if forward else u0, dt0=None, y0=y0,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-  y1 = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
+      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False)
+  # throw=False: no host callback inside the solve (it would gather a batch-sharded
+  # state onto one device); a failed solve (max_steps reached) returns NaN instead.
+  ok = sol.result == diffrax.RESULTS.successful
+  y1 = jax.tree_util.tree_map(lambda a: jnp.where(ok, a[-1], jnp.nan), sol.ys)
   return y1, _EVALS_PER_STEP * sol.stats['num_steps'] + 1
 
 

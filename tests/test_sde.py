@@ -256,3 +256,10 @@ def test_ode_bpd_eval_matches_the_closed_form(sched):
     log_p = exact_log_p(sched, iso, np.asarray(y).reshape(len(x), D))
     want.append(np.asarray(sde.bpd_from_log_p(log_p, D)))
   np.testing.assert_allclose(out['bpd'], np.concatenate(want), atol=3e-3)
+
+
+def test_a_solve_past_max_steps_returns_nan(sched, gauss):
+  x, _ = jax.jit(lambda r: sde.probability_flow_sample(
+      sched, gaussian_model(sched, gauss), r, (2, D), rtol=1e-9, atol=1e-9, max_steps=3))(
+          jax.random.PRNGKey(0))
+  assert np.all(np.isnan(x))
