@@ -110,6 +110,21 @@ def write_csv(path, columns, rows) -> None:
   write_bytes(path, text.getvalue().encode())
 
 
+def csv_and_pyplot(eval_dir, stem: str, columns, rows):
+  """``(<stem>.csv, <stem>.png, pyplot)``: writes the CSV of a curve and readies a plot of it.
+
+  On processes other than 0 nothing is written and ``pyplot`` is None.
+  """
+  csv_path, png_path = join(eval_dir, f'{stem}.csv'), join(eval_dir, f'{stem}.png')
+  if not is_main():
+    return csv_path, png_path, None
+  write_csv(csv_path, columns, rows)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return csv_path, png_path, plt
+
+
 def read_json(path) -> dict:
   return json.loads(epath.Path(path).read_text())
 

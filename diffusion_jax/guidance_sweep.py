@@ -41,20 +41,32 @@ def parse_guidance_scales(spec) -> list[float]:
   return scales
 
 
-def guidance_row(config, workdir: str, w: float, images, labels) -> dict:
-  """One row of the curve: the metrics available for ``config`` of one guided sample set."""
-  row = {'guidance_scale': w, 'num_samples': int(len(images))}
-  name = f'w{w:g}'
+def quality_row(config, workdir: str, name: str, images, labels=None) -> dict:
+  """The sample-quality metrics available for ``config`` of one sample set, as CSV columns.
+
+  Digits: the classifier's Fréchet distance and KID (:mod:`classifier_metrics`),
+  and with ``labels`` the fraction read as the asked-for class; with
+  ``eval.inception_path``: FID, KID and Inception Score (:mod:`fid`).
+  """
+  row = {}
   if config.data.name == 'digits':
-    c = classifier_metrics.classifier_metrics(config, workdir, {name: images}, {name: labels})
-    c = c[name]
-    row.update(asked_for_accuracy=c['asked_for_accuracy'],
-               classifier_frechet_at_n=c['frechet_at_n'],
-               classifier_frechet_real_at_n=c['frechet_real_at_n'], classifier_kid=c['kid'])
+    c = classifier_metrics.classifier_metrics(
+        config, workdir, {name: images}, None if labels is None else {name: labels})[name]
+    row.update(classifier_frechet_at_n=c['frechet_at_n'],
+               classifier_frechet_real_at_n=c['frechet_real_at_n'], classifier_kid=c['kid'],
+               classifier_kid_std=c['kid_std'])
+    if labels is not None:
+      row['asked_for_accuracy'] = c['asked_for_accuracy']
   if config.eval.inception_path:
     f = fid.fid_metrics(config, workdir, {name: images})[name]
     row.update(fid=f['fid'], kid=f.get('kid'), inception_score=f['inception_score'])
   return row
+
+
+def guidance_row(config, workdir: str, w: float, images, labels) -> dict:
+  """One row of the curve: the metrics available for ``config`` of one guided sample set."""
+  return {'guidance_scale': w, 'num_samples': int(len(images)),
+          **quality_row(config, workdir, f'w{w:g}', images, labels)}
 
 
 def guidance_sweep(config, workdir: str, schedule, apply_fn, params, step: int) -> list[dict]:
@@ -77,13 +89,9 @@ def guidance_sweep(config, workdir: str, schedule, apply_fn, params, step: int) 
 
 def write_guidance_curve(rows: list[dict], eval_dir: str) -> tuple[str, str]:
   """``guidance.csv`` (:data:`COLUMNS`) and ``guidance.png``: each computed metric against w."""
-  csv_path, png_path = rt.join(eval_dir, 'guidance.csv'), rt.join(eval_dir, 'guidance.png')
-  if not rt.is_main():
+  csv_path, png_path, plt = rt.csv_and_pyplot(eval_dir, 'guidance', COLUMNS, rows)
+  if plt is None:
     return csv_path, png_path
-  rt.write_csv(csv_path, COLUMNS, rows)
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   shown = [c for c in COLUMNS[2:] if any(r.get(c) is not None for r in rows)]
   fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.6 * max(1, len(shown)), 3.4),
                            squeeze=False)

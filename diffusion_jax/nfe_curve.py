@@ -31,9 +31,8 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import classifier_metrics
 from diffusion_jax import eval_runtime as rt
-from diffusion_jax import fid
+from diffusion_jax import guidance_sweep
 from diffusion_jax import images as image_lib
 from diffusion_jax import samples
 from diffusion_jax import sde
@@ -93,20 +92,6 @@ def ode_samples(config, schedule, apply_fn, params, rng, num: int, rtol: float):
   return np.concatenate(out)[:num], float(np.mean(nfe))
 
 
-def score_row(config, workdir: str, name: str, images: np.ndarray) -> dict:
-  """The metrics available for ``config`` of one sample set (digits classifier, Inception)."""
-  row = {}
-  if config.data.name == 'digits':
-    c = classifier_metrics.classifier_metrics(config, workdir, {name: images})[name]
-    row.update(classifier_frechet_at_n=c['frechet_at_n'],
-               classifier_frechet_real_at_n=c['frechet_real_at_n'],
-               classifier_kid=c['kid'], classifier_kid_std=c['kid_std'])
-  if config.eval.inception_path:
-    f = fid.fid_metrics(config, workdir, {name: images})[name]
-    row.update(fid=f['fid'], kid=f.get('kid'), inception_score=f['inception_score'])
-  return row
-
-
 def nfe_curve(config, workdir: str, schedule, apply_fn, params) -> list[dict]:
   """One row per (sampler, budget) of ``eval.nfe_calls`` and per ODE tolerance (module docstring)."""
   if config.model.get('num_classes', 0):
@@ -122,7 +107,7 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params) -> list[dict]:
   def add(name, nfe, images, start):
     row = dict(sampler=name, nfe=nfe, num_samples=int(len(images)),
                wall_s=round(time.perf_counter() - start, 2))
-    row.update(score_row(config, workdir, f'{name}_nfe{nfe:g}', images))
+    row.update(guidance_sweep.quality_row(config, workdir, f'{name}_nfe{nfe:g}', images))
     rows.append(row)
     shown = row.get('classifier_frechet_at_n', row.get('fid'))
     rt.say(f'  {name:12s} {nfe:6.1f} model calls: {row["wall_s"]:7.1f} s'
@@ -146,13 +131,9 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params) -> list[dict]:
 
 def write_nfe_curve(rows: list[dict], eval_dir: str) -> tuple[str, str]:
   """``nfe_curve.csv`` (:data:`COLUMNS`) and ``nfe_curve.png`` (distance vs model calls, log x)."""
-  csv_path, png_path = rt.join(eval_dir, 'nfe_curve.csv'), rt.join(eval_dir, 'nfe_curve.png')
-  if not rt.is_main():
+  csv_path, png_path, plt = rt.csv_and_pyplot(eval_dir, 'nfe_curve', COLUMNS, rows)
+  if plt is None:
     return csv_path, png_path
-  rt.write_csv(csv_path, COLUMNS, rows)
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   metric = next((c for c in ('classifier_frechet_at_n', 'fid') if any(c in r for r in rows)), None)
   fig, ax = plt.subplots(figsize=(5.5, 4))
   if metric is not None:
