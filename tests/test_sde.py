@@ -10,6 +10,7 @@ abar, x_t ~ N(sqrt(abar) mu, abar Sigma + (1 - abar) I), so
 - hence log p_0(x) = log N(x_{T-1}; 0, I) + sum_i log(sd_{T-1,i} / sd_{0,i}).
 """
 
+import json
 import math
 
 import chex
@@ -233,15 +234,20 @@ def test_dequantised_bits_per_dim():
   np.testing.assert_allclose(sde.bpd_from_log_p(-3 * math.log(2.0), 3), 8.0, rtol=1e-6)
 
 
+def iso_apply_fn(s, var):
+  """``apply_fn(params, x, t)``: params x the optimal eps of per-pixel N(0, var) images."""
+  def apply_fn(params, x, t):
+    abar = sde.alpha_bar(s, t)[:, None, None, None]
+    return params * jnp.sqrt(1.0 - abar) * x / (abar * var + 1.0 - abar)
+  return apply_fn
+
+
 def test_ode_bpd_eval_matches_the_closed_form(sched):
   """Per-pixel N(0, 0.3^2) data on 2x2 images: bits/dim of the dequantised images, batch by batch."""
   var = 0.09
   iso = dict(mu=np.zeros(D), sigma=var * np.eye(D), lam=np.full(D, var), q=np.eye(D))
 
-  def apply_fn(params, x, t):
-    abar = sde.alpha_bar(sched, t)[:, None, None, None]
-    return params * jnp.sqrt(1.0 - abar) * x / (abar * var + 1.0 - abar)
-
+  apply_fn = iso_apply_fn(sched, var)
   config = config_lib.digits_config()
   config.eval.ode_bpd_exact_trace = True
   images = np.random.default_rng(8).integers(0, 256, (5, 2, 2, 1)).astype(np.uint8)
@@ -263,3 +269,20 @@ def test_a_solve_past_max_steps_returns_nan(sched, gauss):
       sched, gaussian_model(sched, gauss), r, (2, D), rtol=1e-9, atol=1e-9, max_steps=3))(
           jax.random.PRNGKey(0))
   assert np.all(np.isnan(x))
+
+
+def test_eval_part_ode_bpd_writes_json_with_the_bound_beside_it(sched, tmp_path):
+  from diffusion_jax import evaluate
+  config = config_lib.digits_config()
+  config.eval.num_ode_bpd_examples = 4
+  config.sampling.ode_rtol = config.sampling.ode_atol = 1e-3
+  (tmp_path / 'bpd.json').write_text(json.dumps(
+      dict(step=7, total_bpd=4.5, total_bpd_stderr=0.1, num_examples=297)))
+  ctx = evaluate._Context(config=config, workdir=str(tmp_path), eval_dir=str(tmp_path),
+                          schedule=sched, apply_fn=iso_apply_fn(sched, 0.25), params=1.0, step=7, mesh=None,
+                          rng=jax.random.PRNGKey(0))
+  out = evaluate._part_ode_bpd(ctx)
+  on_disk = json.loads((tmp_path / 'ode_bpd.json').read_text())
+  assert on_disk == out
+  assert np.isfinite(out['bpd']) and out['bpd_stderr'] > 0 and out['nfe'] > 10
+  assert (out['num_examples'], out['trace'], out['bound_bpd']) == (4, 'hutchinson', 4.5)
