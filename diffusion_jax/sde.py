@@ -13,7 +13,7 @@ probability-flow ODE (eq. 13)
 the score being -eps_hat / sqrt(1 - abar) (DDPM eq. 12 / §3.2;
 :func:`diffusion.score_from_model_output`). Solving it backwards samples
 (:func:`probability_flow_sample`), forwards encodes (:func:`ode_encode`), and
-the instantaneous change of variables (Chen et al. 2018; score SDE eq. 39,
+the instantaneous change of variables (Chen et al. 2018; score SDE
 Appendix D.2) gives exact log-likelihoods (:func:`ode_log_likelihood`).
 
 Time is the trained model's own index: a real t in [0, T-1] with log abar
@@ -251,7 +251,7 @@ def ode_log_likelihood(s: Schedule, model_fn: ModelFn, x0, rng, *, rtol: float =
   """log p_0(x0) in nats per example under the probability-flow ODE (score SDE Appendix D.2).
 
   The instantaneous change of variables (Chen et al. 2018, Theorem 1; score
-  SDE eq. 39): d log p_t(x(t)) / dt = -div f(x(t), t) along the ODE, so with
+  SDE Appendix D.2): d log p_t(x(t)) / dt = -div f(x(t), t) along the ODE, so with
   f the drift of eq. 13,
 
       log p_0(x(0)) = log N(x(T-1); 0, I) + int_0^{T-1} div f(x(t), t) dt,
