@@ -199,7 +199,8 @@ def _walk_schedule(s: Schedule, model_fn: ModelFn, num_steps: Optional[int]):
 
 def inpaint(s: Schedule, model_fn: ModelFn, rng, x0, known, *, method: str = 'repaint',
             resample: int = 10, jump_length: int = 10, num_steps: Optional[int] = None,
-            mean_type: str = 'eps', var_type: str = 'fixed_large', clip_denoised: bool = True):
+            eta: Optional[float] = None, mean_type: str = 'eps', var_type: str = 'fixed_large',
+            clip_denoised: bool = True):
   """Fills the pixels of ``x0`` where ``known`` is False (RePaint, Algorithm 1), as one scan.
 
   Args:
@@ -214,6 +215,10 @@ def inpaint(s: Schedule, model_fn: ModelFn, rng, x0, known, *, method: str = 're
     num_steps: run the walk on this many evenly spaced timesteps of a
       respaced schedule (:func:`sampling.respace_schedule`; RePaint uses 250
       of 1000); None: all T.
+    eta: None: each reverse move is the ancestral step (Algorithm 1);
+      a number: a DDIM step (Song et al. 2021, eq. 12) with this eta, from
+      abar_t to abar_{t-1} of the walk's schedule (``eta=0`` is deterministic:
+      the jumps alone add noise).
 
   Each reverse move t -> t-1 is (Algorithm 1, lines 4-8)
     x_known = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1}) eps   (x0 itself at t = 0),
@@ -238,9 +243,16 @@ def inpaint(s: Schedule, model_fn: ModelFn, rng, x0, known, *, method: str = 're
 
   def reverse(x, t, t_next, key):
     step_key, known_key = jax.random.split(key)
-    x_unknown, _ = sampling.p_sample(s, model_fn, x, t, step_key, mean_type=mean_type,
-                                     var_type=var_type, clip_denoised=clip_denoised)
     a = abar_at(t_next)
+    if eta is None:
+      x_unknown, _ = sampling.p_sample(s, model_fn, x, t, step_key, mean_type=mean_type,
+                                       var_type=var_type, clip_denoised=clip_denoised)
+    else:
+      t_vec = jnp.full((x.shape[0],), t, jnp.int32)
+      x_unknown, _ = sampling.ddim_step(
+          s, model_fn(x, t_vec).astype(x.dtype), x, t_vec, abar[t], a, eta,
+          jax.random.normal(step_key, x.shape, x.dtype), mean_type=mean_type,
+          clip_denoised=clip_denoised)
     x_known = (jnp.sqrt(a) * x0
                + jnp.sqrt(1.0 - a) * jax.random.normal(known_key, x0.shape, x0.dtype))
     return jnp.where(known, x_known.astype(x.dtype), x_unknown)
@@ -429,20 +441,24 @@ def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
   """A jitted ``(params, rng, x0, known) -> x_0`` of :func:`inpaint` for a config.
 
   Uses ``inpaint.method``, ``inpaint.resample``, ``inpaint.jump_length``,
-  ``inpaint.num_steps`` (0: all T) and ``diffusion.mean_type`` / ``var_type``
-  / ``clip_denoised``; ``apply_fn`` as in :func:`sampling.make_sampler`
+  ``inpaint.num_steps`` (0: all T), ``diffusion.mean_type`` / ``var_type``
+  / ``clip_denoised``, and the reverse step of ``sampling.sampler``: ``ddim``
+  takes DDIM steps with ``sampling.eta``, every other sampler the ancestral
+  step of Algorithm 1; ``apply_fn`` as in :func:`sampling.make_sampler`
   (``(params, x, t)``, ``(params, x, t, y)`` for a class-conditional config,
   or a Flax module). x0 and known (``[batch, H, W, C]``) are sharded on the
   batch axis over ``devices`` when it divides evenly. A conditional config is
   guided towards :func:`conditioning_labels`.
   """
-  ic, dc = config.inpaint, config.diffusion
+  ic, dc, sc = config.inpaint, config.diffusion, config.sampling
   steps = int(ic.get('num_steps', 0) or 0) or None
+  eta = float(sc.get('eta', 0.0)) if sc.sampler == 'ddim' else None
 
   def run(model_fn, rng, x0, known):
     return inpaint(s, model_fn, rng, x0, known, method=ic.method, resample=int(ic.resample),
-                   jump_length=int(ic.jump_length), num_steps=steps, mean_type=dc.mean_type,
-                   var_type=dc.var_type, clip_denoised=bool(dc.get('clip_denoised', True)))
+                   jump_length=int(ic.jump_length), num_steps=steps, eta=eta,
+                   mean_type=dc.mean_type, var_type=dc.var_type,
+                   clip_denoised=bool(dc.get('clip_denoised', True)))
 
   return _jit_sharded(config, apply_fn, int(batch_size), devices, run, 2)
 

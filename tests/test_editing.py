@@ -99,7 +99,8 @@ def test_repaint_walk_matches_the_reference_schedule():
 
 
 @pytest.mark.parametrize('method,kw', [('replace', {}), ('repaint', dict(resample=3, jump_length=4)),
-                                       ('repaint', dict(resample=2, jump_length=1, num_steps=7))])
+                                       ('repaint', dict(resample=2, jump_length=1, num_steps=7)),
+                                       ('repaint', dict(resample=2, jump_length=3, eta=0.0))])
 def test_inpaint_keeps_known_pixels_and_the_oracle_fills_in_its_point(method, kw):
   x0 = _x0()
   known = editing.known_mask('bottom_half', SHAPE)
@@ -228,29 +229,7 @@ def test_edit_mode_writes_npz(tmp_path, fake_checkpoint):
     assert f['images'].dtype == np.uint8 and f['labels'].shape == (5,)
 
 
-# --- bad input: one line, exit code 2, nothing written ------------------------------------------
-
-
-@pytest.mark.parametrize('overrides,mode,expected', [
-    ({'inpaint.missing': 'nose'}, 'inpaint',
-     "inpaint.missing='nose' is not supported; allowed values: bottom_half, top_half"),
-    ({'inpaint.method': 'magic'}, 'inpaint', "inpaint.method='magic' is not supported"),
-    ({'edit.strength': 0.0}, 'edit', 'edit.strength must be in (0, 1]'),
-    ({'edit.strength': 1.5}, 'edit', 'edit.strength must be in (0, 1]'),
-    ({'inpaint.split': 'validation'}, 'inpaint', "inpaint.split='validation': split 'validation'"),
-    ({'edit.split': 'validation'}, 'edit', "edit.split='validation'"),
-    ({'sampling.sampler': 'ode'}, 'edit', "sampling.sampler='ode' is not supported by --mode edit"),
-    ({'inpaint.missing': 'mask'}, 'inpaint', "inpaint.missing='mask' needs inpaint.mask_path"),
-    ({}, 'inpaint', 'no checkpoint in'),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, mode, expected):
-  workdir = tmp_path / 'run'
-  with pytest.raises(SystemExit) as exit_info:
-    main.run(_tiny_digits(**overrides), mode, str(workdir))
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('error: ') and expected in err and err.count('\n') == 1, err
-  assert not workdir.exists()
+# --- bad input: one line, exit code 2, nothing written (more cases in test_main.py) ------------
 
 
 def test_mask_of_the_wrong_size_is_one_line(tmp_path, capsys):

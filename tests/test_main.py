@@ -85,6 +85,17 @@ def _tiny_digits(**overrides):
     ({'data.name': 'imagenet'}, 'train', "data.name='imagenet' is not supported"),
     ({'data.image_size': 6}, 'train', 'data.image_size=6 must be divisible by'),
     ({}, 'eval', 'no checkpoint in'),
+    ({'inpaint.missing': 'nose'}, 'inpaint',
+     "inpaint.missing='nose' is not supported; allowed values: bottom_half, top_half"),
+    ({'inpaint.method': 'magic'}, 'inpaint', "inpaint.method='magic' is not supported"),
+    ({'inpaint.missing': 'mask'}, 'inpaint', "inpaint.missing='mask' needs inpaint.mask_path"),
+    ({'inpaint.split': 'validation'}, 'inpaint', "inpaint.split='validation': split 'validation'"),
+    ({'edit.strength': 0.0}, 'edit', 'edit.strength must be in (0, 1]'),
+    ({'edit.strength': 1.5}, 'edit', 'edit.strength must be in (0, 1]'),
+    ({'edit.split': 'validation'}, 'edit', "edit.split='validation'"),
+    ({'sampling.sampler': 'ode'}, 'edit', "sampling.sampler='ode' is not supported by --mode edit"),
+    ({}, 'inpaint', 'no checkpoint in'),
+    ({}, 'edit', 'no checkpoint in'),
 ])
 def test_bad_config_or_mode_is_one_line_and_exit_2(tmp_path, capsys, overrides, mode, expected):
   workdir = tmp_path / 'run'
