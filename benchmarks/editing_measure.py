@@ -73,9 +73,9 @@ def write_figures(workdir, folder, columns=10):
   """
   samples = f'{workdir}/samples'
   cells = []
-  for missing, repaint in (('bottom_half', 'repaint_u20_j5_n50'), ('top_half', 'repaint_u20_j5_n50'),
-                           ('left_half', 'repaint_u20_j5_n50'), ('center', 'repaint_u20_j5_n50'),
-                           ('random', 'repaint_u20_j5_n50')):
+  for missing, repaint in (('bottom_half', 'repaint_u30_j5_n50'), ('top_half', 'repaint_u30_j5_n50'),
+                           ('left_half', 'repaint_u30_j5_n50'), ('center', 'repaint_u30_j5_n50'),
+                           ('random', 'repaint_u30_j5_n50')):
     try:
       with np.load(f'{samples}/inpaint_{missing}_replace_n50.npz') as f:
         replace, originals, known = f['images'], f['originals'], f['known']
@@ -85,14 +85,14 @@ def write_figures(workdir, folder, columns=10):
       continue
     masked = np.where(known, originals, np.uint8(editing_cli.MASKED_GREY))
     cells += [masked[:columns], replace[:columns], repainted[:columns], originals[:columns]]
-  image_lib.save_grid(np.concatenate(cells), f'{folder}/inpainting.png', nrow=columns, scale=3)
+  image_lib.save_grid(np.concatenate(cells), f'{folder}/inpainting.png', nrow=columns, scale=4)
   rows = []
   for tag in ('0.05', '0.1', '0.15', '0.2', '0.3', '0.5', '0.7', '1'):
     with np.load(f'{samples}/edit_s{tag}.npz') as f:
       if not rows:
         rows.append(f['originals'][:columns])
       rows.append(f['images'][:columns])
-  image_lib.save_grid(np.concatenate(rows), f'{folder}/sdedit.png', nrow=columns, scale=3)
+  image_lib.save_grid(np.concatenate(rows), f'{folder}/sdedit.png', nrow=columns, scale=4)
   print(f'wrote {folder}/inpainting.png and {folder}/sdedit.png')
 
 

@@ -135,9 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   inpaint.num_images = 100
   inpaint.split = 'test'
   inpaint.method = 'repaint'      # repaint (Lugmayr et al. 2022) | replace (score_sde's baseline)
-  inpaint.resample = 5            # repaint: resamplings per jump
-  inpaint.jump_length = 10        # repaint: steps per jump back
-  inpaint.num_steps = 0           # the walk on this many evenly spaced timesteps (0: all T)
+  inpaint.resample = 30           # repaint: resamplings per jump (README: 30 keeps 74.5% of digit classes)
+  inpaint.jump_length = 5         # repaint: steps per jump back
+  inpaint.num_steps = 50          # the walk on min(this, T) evenly spaced timesteps (0: all T)
   config.edit = edit = ml_collections.ConfigDict()
   edit.strength = 0.15            # SDEdit: t0 = strength * T, in (0, 1]
   edit.num_images = 100
@@ -328,7 +328,6 @@ INPAINT_METHODS = ('repaint', 'replace')
 
 def validate_editing(config) -> None:
   """Checks the ``inpaint`` and ``edit`` sections (where a config has them)."""
-  T = config.diffusion.num_timesteps
   if 'inpaint' in config:
     ip = config.inpaint
     _allowed('inpaint.missing', ip.missing, INPAINT_MISSING)
@@ -341,14 +340,7 @@ def validate_editing(config) -> None:
                        'known).')
     for key in ('num_images', 'resample', 'jump_length'):
       _positive(f'inpaint.{key}', ip[key])
-    steps = ip.get('num_steps', 0)
-    if isinstance(steps, bool) or not 0 <= steps <= T:
-      raise ValueError(f'inpaint.num_steps must be in [0, diffusion.num_timesteps={T}] '
-                       f'(0: all), got {steps!r}.')
-    n = steps or T
-    if ip.jump_length > n:
-      raise ValueError(f'inpaint.jump_length={ip.jump_length} must be at most the steps of the '
-                       f'walk ({n}: inpaint.num_steps, 0 = diffusion.num_timesteps).')
+    _positive('inpaint.num_steps', ip.get('num_steps', 0), allow_zero=True)
   if 'edit' in config:
     s = config.edit.strength
     if isinstance(s, bool) or not 0.0 < s <= 1.0:

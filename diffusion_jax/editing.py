@@ -441,7 +441,8 @@ def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
   """A jitted ``(params, rng, x0, known) -> x_0`` of :func:`inpaint` for a config.
 
   Uses ``inpaint.method``, ``inpaint.resample``, ``inpaint.jump_length``,
-  ``inpaint.num_steps`` (0: all T), ``diffusion.mean_type`` / ``var_type``
+  ``inpaint.num_steps`` (0: all T; at most T), ``inpaint.jump_length`` (at
+  most the walk's steps), ``diffusion.mean_type`` / ``var_type``
   / ``clip_denoised``, and the reverse step of ``sampling.sampler``: ``ddim``
   takes DDIM steps with ``sampling.eta``, every other sampler the ancestral
   step of Algorithm 1; ``apply_fn`` as in :func:`sampling.make_sampler`
@@ -451,12 +452,12 @@ def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
   guided towards :func:`conditioning_labels`.
   """
   ic, dc, sc = config.inpaint, config.diffusion, config.sampling
-  steps = int(ic.get('num_steps', 0) or 0) or None
+  steps = min(int(ic.get('num_steps', 0) or 0) or s.num_timesteps, s.num_timesteps)
   eta = float(sc.get('eta', 0.0)) if sc.sampler == 'ddim' else None
 
   def run(model_fn, rng, x0, known):
     return inpaint(s, model_fn, rng, x0, known, method=ic.method, resample=int(ic.resample),
-                   jump_length=int(ic.jump_length), num_steps=steps, eta=eta,
+                   jump_length=min(int(ic.jump_length), steps), num_steps=steps, eta=eta,
                    mean_type=dc.mean_type, var_type=dc.var_type,
                    clip_denoised=bool(dc.get('clip_denoised', True)))
 

@@ -160,9 +160,11 @@ def run_inpaint(config, workdir: str) -> dict:
       mask=read_mask_image(config) if ic.missing == 'mask' else None)
   chunk = _chunk_size(config, len(images))
   fn = editing.make_inpaint_fn(config, schedule, rt.apply_fn_for(model), batch_size=chunk)
-  steps = int(ic.get('num_steps', 0) or 0) or config.diffusion.num_timesteps
-  how = (f'{ic.method}, {steps} steps' + (f', resample {ic.resample}, jump {ic.jump_length}'
-                                          if ic.method == 'repaint' else ''))
+  T = config.diffusion.num_timesteps
+  steps = min(int(ic.get('num_steps', 0) or 0) or T, T)
+  how = (f'{ic.method}, {steps} steps' + (
+      f', resample {ic.resample}, jump {min(ic.jump_length, steps)}' if ic.method == 'repaint'
+      else ''))
   completions = run_in_chunks(fn, params, key, [images, known], chunk,
                               f'inpainting {ic.missing} ({how})')
   completions = np.where(known, originals, completions)
