@@ -131,7 +131,8 @@ def _edit(x0, strength, sampler='ancestral', **kw):
 
 
 @pytest.mark.parametrize('sampler,kw', [('ancestral', dict(var_type='fixed_large')),
-                                        ('ddim', dict(num_steps=5))])
+                                        ('ddim', dict(num_steps=5)),
+                                        ('dpm_solver', dict(num_steps=5, order=2))])
 def test_sdedit_small_strength_stays_close_and_strength_one_forgets(sampler, kw):
   x0 = _x0()
   pair = jnp.stack([x0, -x0])   # two inputs, edited with the same key (the same noise)
@@ -151,6 +152,12 @@ def test_sdedit_strength_one_is_the_plain_sampler():
   plain = sampling.p_sample_loop(S, gaussian_oracle, jax.random.PRNGKey(0), SHAPE,
                                  clip_denoised=False, x_T=z)
   np.testing.assert_allclose(_edit(x0, 1.0, var_type='fixed_large'), plain, atol=1e-5)
+
+
+def test_sdedit_dpm_solver_of_order_one_is_ddim():
+  x0 = _x0()
+  ddim = _edit(x0, 0.5, 'ddim', num_steps=4)
+  np.testing.assert_allclose(_edit(x0, 0.5, 'dpm_solver', num_steps=4, order=1), ddim, atol=1e-5)
 
 
 def test_segment_timesteps_end_at_t0():
