@@ -43,13 +43,24 @@ def test_distances_beside_real_data_at_the_same_count():
   assert good['frechet_real_at_n'] > 5 * bad['frechet_real_at_n']   # the bias shrinks with N
 
 
-def test_reference_split_partitions_the_training_digits():
+def test_reference_split_halves_the_training_digits():
   parts = classifier_metrics.reference_split(1500, seed=0)
-  assert [len(parts[k]) for k in ('fit', 'reference', 'real')] == [600, 600, 300]
+  assert [len(parts[k]) for k in ('reference', 'real')] == [750, 750]
   np.testing.assert_array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(1500))
   again = classifier_metrics.reference_split(1500, seed=0)
   assert all(np.array_equal(parts[k], again[k]) for k in parts)
-  assert not np.array_equal(parts['fit'], classifier_metrics.reference_split(1500, seed=1)['fit'])
+  assert not np.array_equal(parts['real'], classifier_metrics.reference_split(1500, seed=1)['real'])
+
+
+def test_the_classifier_learns_on_digits_that_are_neither_reference_nor_baseline():
+  config = config_lib.digits_config()
+  parts = classifier_metrics._split_digits(config)   # pylint: disable=protected-access
+  np.testing.assert_array_equal(parts['fit'][0], data.load_split(config, 'test'))
+  np.testing.assert_array_equal(parts['fit'][1], classifier_metrics.digits_labels('test'))
+  x_train = data.load_split(config, 'train')
+  idx = classifier_metrics.reference_split(1500, seed=classifier_metrics.REFERENCE_SEED)
+  for name in ('reference', 'real'):
+    np.testing.assert_array_equal(parts[name][0], x_train[idx[name]])
 
 
 @pytest.fixture(scope='module')
