@@ -214,7 +214,8 @@ def _part_nfe_curve(ctx: _Context) -> dict:
     msg = 'nfe curve skipped: it is for unconditional models (model.num_classes=0).'
     rt.say(f'  {msg}')
     return {'skipped': msg}
-  rows = nfe_curve.nfe_curve(ctx.config, ctx.workdir, ctx.schedule, ctx.apply_fn, ctx.params)
+  rows = nfe_curve.nfe_curve(ctx.config, ctx.workdir, ctx.schedule, ctx.apply_fn, ctx.params,
+                             ctx.step)
   csv_path, png_path = nfe_curve.write_nfe_curve(rows, ctx.eval_dir)
   rt.say(f'  {csv_path}\n  {png_path}')
   return dict(csv=csv_path, png=png_path, rows=rows)

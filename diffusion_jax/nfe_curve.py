@@ -92,8 +92,29 @@ def ode_samples(config, schedule, apply_fn, params, rng, num: int, rtol: float):
   return np.concatenate(out)[:num], float(np.mean(nfe))
 
 
-def nfe_curve(config, workdir: str, schedule, apply_fn, params) -> list[dict]:
-  """One row per (sampler, budget) of ``eval.nfe_calls`` and per ODE tolerance (module docstring)."""
+def _cached_set(workdir: str, step: int, name: str, num: int, draw):
+  """(images, nfe, wall_s) of one sample set: ``draw()`` once, then ``eval/nfe_<name>_step<step>.npz``.
+
+  The metrics can then be recomputed (another classifier, Inception weights)
+  without sampling again; the wall time is the one measured when sampling.
+  """
+  path = rt.join(workdir, 'eval', f'nfe_{name}_step{step}.npz')
+  if rt.cached(path):
+    cached = rt.load_npz(path)
+    if cached['images'].shape[0] >= num:
+      return cached['images'][:num], float(cached['nfe']), float(cached['wall_s'])
+  start = time.perf_counter()
+  images, nfe = draw()
+  wall = round(time.perf_counter() - start, 2)
+  rt.save_npz(path, images=images, nfe=np.float64(nfe), wall_s=np.float64(wall))
+  return images, float(nfe), wall
+
+
+def nfe_curve(config, workdir: str, schedule, apply_fn, params, step: int = 0) -> list[dict]:
+  """One row per (sampler, budget) of ``eval.nfe_calls`` and per ODE tolerance (module docstring).
+
+  Sample sets are cached per checkpoint ``step`` (:func:`_cached_set`).
+  """
   if config.model.get('num_classes', 0):
     raise ValueError('the nfe_curve part is for unconditional models (model.num_classes=0); '
                      'use part guidance for class-conditional ones.')
@@ -102,30 +123,23 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params) -> list[dict]:
                         float)
   num = int(config.eval.num_fid_samples)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_NFE)
+  runs = [(f'{sampler}_{n}', sampler,
+           lambda sampler=sampler, n=n: (samples.generate_samples(
+               sampler_config(config, sampler, n), schedule, apply_fn, params, rng, num,
+               desc=f'  {sampler} {n}', progress=False), n))
+          for sampler in SAMPLERS for n in calls if n <= schedule.num_timesteps]
+  runs += [(f'ode_rtol{rtol:g}', f'ode_rtol{rtol:g}',
+            lambda rtol=rtol: ode_samples(config, schedule, apply_fn, params, rng, num, rtol))
+           for rtol in rtols]
   rows = []
-
-  def add(name, nfe, images, start):
-    row = dict(sampler=name, nfe=nfe, num_samples=int(len(images)),
-               wall_s=round(time.perf_counter() - start, 2))
-    row.update(guidance_sweep.quality_row(config, workdir, f'{name}_nfe{nfe:g}', images))
+  for name, sampler, draw in runs:
+    images, nfe, wall = _cached_set(workdir, step, name, num, draw)
+    row = dict(sampler=sampler, nfe=nfe, num_samples=int(len(images)), wall_s=wall)
+    row.update(guidance_sweep.quality_row(config, workdir, name, images))
     rows.append(row)
     shown = row.get('classifier_frechet_at_n', row.get('fid'))
-    rt.say(f'  {name:12s} {nfe:6.1f} model calls: {row["wall_s"]:7.1f} s'
+    rt.say(f'  {sampler:12s} {nfe:6.1f} model calls: {wall:7.1f} s'
            + ('' if shown is None else f', distance {shown:.3f}'))
-
-  for sampler in SAMPLERS:
-    for n in calls:
-      if n > schedule.num_timesteps:
-        continue
-      start = time.perf_counter()
-      images = samples.generate_samples(sampler_config(config, sampler, n), schedule, apply_fn,
-                                        params, rng, num, desc=f'  {sampler} {n}',
-                                        progress=False)
-      add(sampler, float(n), images, start)
-  for rtol in rtols:
-    start = time.perf_counter()
-    images, nfe = ode_samples(config, schedule, apply_fn, params, rng, num, rtol)
-    add(f'ode_rtol{rtol:g}', nfe, images, start)
   return rows
 
 

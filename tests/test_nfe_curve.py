@@ -61,7 +61,11 @@ def test_nfe_curve_writes_one_row_per_sampler_and_budget(tmp_path):
                       np.zeros((1,), np.int32))
   apply_fn = lambda p, x, t: model.apply(p, x, t, train=False)  # noqa: E731
   s = schedule_lib.schedule_from_config(config)
-  rows = nfe_curve.nfe_curve(config, str(tmp_path), s, apply_fn, params)
+  rows = nfe_curve.nfe_curve(config, str(tmp_path), s, apply_fn, params, step=7)
+  again = nfe_curve.nfe_curve(config, str(tmp_path), s, apply_fn, params, step=7)   # cached sets
+  assert [(r['sampler'], r['nfe'], r['wall_s']) for r in again] == [
+      (r['sampler'], r['nfe'], r['wall_s']) for r in rows]
+  assert os.path.exists(tmp_path / 'eval' / 'nfe_ddim_2_step7.npz')
   assert [(r['sampler'], r['nfe']) for r in rows[:-1]] == [
       (name, n) for name in nfe_curve.SAMPLERS for n in (2.0, 4.0)]
   assert rows[-1]['sampler'] == 'ode_rtol0.01' and rows[-1]['nfe'] >= 2
