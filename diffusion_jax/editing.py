@@ -129,8 +129,8 @@ def mask_from_image(image, height: int, width: int) -> np.ndarray:
   if image.ndim != 2 or image.shape != (height, width):
     got = 'x'.join(map(str, image.shape[:2])) if image.ndim >= 2 else str(image.shape)
     raise ValueError(f'inpaint.mask_path: the mask is {got} pixels, but the images are '
-                     f'{height}x{width} (data.image_size); give a {height}x{width} mask '
-                     '(white = known).')
+                     f'{height}x{width} (data.image_size); give a mask of {height}x{width} '
+                     'pixels (white = known).')
   return image >= 128
 
 
