@@ -133,7 +133,7 @@ def main():
     missing, method, resample, jump, steps, *step_kind = spec.split(':')
     step_kind = step_kind[0] if step_kind else 'ancestral'
     cfg = config.copy_and_resolve_references()
-    cfg.sampling.sampler, cfg.sampling.eta = step_kind, 0.0
+    cfg.inpaint.eta = 0.0 if step_kind == 'ddim' else -1.0
     ic = cfg.inpaint
     ic.missing, ic.method, ic.num_images = missing, method, args.num
     ic.resample, ic.jump_length, ic.num_steps = int(resample), int(jump), int(steps)

@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   inpaint.resample = 30           # repaint: resamplings per jump (README: 30 keeps 74.5% of digit classes)
   inpaint.jump_length = 5         # repaint: steps per jump back
   inpaint.num_steps = 50          # the walk on min(this, T) evenly spaced timesteps (0: all T)
+  inpaint.eta = -1.0              # -1: the ancestral step (RePaint); >= 0: DDIM steps with this eta
   config.edit = edit = ml_collections.ConfigDict()
   edit.strength = 0.15            # SDEdit: t0 = strength * T, in (0, 1]
   edit.num_images = 100
@@ -341,6 +342,9 @@ def validate_editing(config) -> None:
     for key in ('num_images', 'resample', 'jump_length'):
       _positive(f'inpaint.{key}', ip[key])
     _positive('inpaint.num_steps', ip.get('num_steps', 0), allow_zero=True)
+    eta = ip.get('eta', -1.0)
+    if isinstance(eta, bool) or not (eta == -1 or eta >= 0):
+      raise ValueError(f'inpaint.eta must be -1 (the ancestral step) or >= 0 (DDIM), got {eta!r}.')
   if 'edit' in config:
     s = config.edit.strength
     if isinstance(s, bool) or not 0.0 < s <= 1.0:

@@ -442,18 +442,18 @@ def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
 
   Uses ``inpaint.method``, ``inpaint.resample``, ``inpaint.jump_length``,
   ``inpaint.num_steps`` (0: all T; at most T), ``inpaint.jump_length`` (at
-  most the walk's steps), ``diffusion.mean_type`` / ``var_type``
-  / ``clip_denoised``, and the reverse step of ``sampling.sampler``: ``ddim``
-  takes DDIM steps with ``sampling.eta``, every other sampler the ancestral
-  step of Algorithm 1; ``apply_fn`` as in :func:`sampling.make_sampler`
+  most the walk's steps), ``inpaint.eta`` (-1: the ancestral step of
+  Algorithm 1; >= 0: DDIM steps with that eta) and ``diffusion.mean_type`` /
+  ``var_type`` / ``clip_denoised``; ``apply_fn`` as in :func:`sampling.make_sampler`
   (``(params, x, t)``, ``(params, x, t, y)`` for a class-conditional config,
   or a Flax module). x0 and known (``[batch, H, W, C]``) are sharded on the
   batch axis over ``devices`` when it divides evenly. A conditional config is
   guided towards :func:`conditioning_labels`.
   """
-  ic, dc, sc = config.inpaint, config.diffusion, config.sampling
+  ic, dc = config.inpaint, config.diffusion
   steps = min(int(ic.get('num_steps', 0) or 0) or s.num_timesteps, s.num_timesteps)
-  eta = float(sc.get('eta', 0.0)) if sc.sampler == 'ddim' else None
+  eta = float(ic.get('eta', -1.0))
+  eta = eta if eta >= 0 else None
 
   def run(model_fn, rng, x0, known):
     return inpaint(s, model_fn, rng, x0, known, method=ic.method, resample=int(ic.resample),

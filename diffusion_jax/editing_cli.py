@@ -164,7 +164,7 @@ def run_inpaint(config, workdir: str) -> dict:
   steps = min(int(ic.get('num_steps', 0) or 0) or T, T)
   how = (f'{ic.method}, {steps} steps' + (
       f', resample {ic.resample}, jump {min(ic.jump_length, steps)}' if ic.method == 'repaint'
-      else ''))
+      else '') + (f', DDIM eta {ic.eta:g}' if ic.get('eta', -1.0) >= 0 else ''))
   completions = run_in_chunks(fn, params, key, [images, known], chunk,
                               f'inpainting {ic.missing} ({how})')
   completions = np.where(known, originals, completions)

@@ -88,6 +88,7 @@ def _tiny_digits(**overrides):
     ({'inpaint.missing': 'nose'}, 'inpaint',
      "inpaint.missing='nose' is not supported; allowed values: bottom_half, top_half"),
     ({'inpaint.method': 'magic'}, 'inpaint', "inpaint.method='magic' is not supported"),
+    ({'inpaint.eta': -0.5}, 'inpaint', 'inpaint.eta must be -1 (the ancestral step) or >= 0'),
     ({'inpaint.missing': 'mask'}, 'inpaint', "inpaint.missing='mask' needs inpaint.mask_path"),
     ({'inpaint.split': 'validation'}, 'inpaint', "inpaint.split='validation': split 'validation'"),
     ({'edit.strength': 0.0}, 'edit', 'edit.strength must be in (0, 1]'),
