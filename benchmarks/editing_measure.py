@@ -3,8 +3,7 @@
 Runs ``--mode inpaint`` / ``--mode edit`` (``editing_cli.run_inpaint`` /
 ``run_edit``) on a trained digits workdir for each setting, reads the
 original's and the result's class with the project's digit classifier
-(``classifier_metrics.load_digit_classifier``, else
-``classifier.load_or_train_classifier``) and prints one JSON line per
+trained on the training split (:func:`digit_classifier`) and prints one JSON line per
 setting (also appended to ``--out``):
 
 * inpainting: ``class_kept`` (the result's class is the original's label),
@@ -43,14 +42,18 @@ from diffusion_jax import images as image_lib
 
 
 def digit_classifier(config, workdir):
-  """The project's digit classifier (the lead's honest one when present)."""
-  load = getattr(classifier_metrics, 'load_digit_classifier', None)
-  if load is not None:
-    return load(config, workdir), 'classifier_metrics.load_digit_classifier'
+  """The project's digit classifier trained on the training digits only.
+
+  The results are completions of test digits, so the classifier must not have
+  seen them: ``classifier_metrics.load_digit_classifier`` now learns on the
+  test split (its role in the Fréchet metric), so this trains
+  ``classifier.load_or_train_classifier`` on the training split and caches it
+  in ``workdir/editing_classifier/eval``.
+  """
   train = data_lib.load_split(config, 'train')
-  return (classifier.load_or_train_classifier(workdir, config, train,
+  return (classifier.load_or_train_classifier(f'{workdir}/editing_classifier', config, train,
                                               classifier_metrics.digits_labels('train')),
-          'classifier.load_or_train_classifier')
+          'classifier.load_or_train_classifier(train split)')
 
 
 def predict(params, images_uint8):
