@@ -456,8 +456,10 @@ def test_sample_from_config_dispatch(monkeypatch):
 def test_sample_from_config_runs(x0_target):
   s = make_schedule('linear', 20, beta_start=1e-3, beta_end=0.3)
   model_fn = oracle_model(s, x0_target)
+  # 'ode' calls the model at real-valued t, which this integer-t oracle cannot take:
+  # tests/test_sde.py runs it through sample_from_config with a continuous-time model.
   out = jax.jit(lambda r: {k: sampling.sample_from_config(small_config(k), s, model_fn, r, SHAPE)
-                           for k in sampling.SAMPLERS})(jax.random.PRNGKey(0))
+                           for k in sampling.SAMPLERS if k != 'ode'})(jax.random.PRNGKey(0))
   for sampler, x in out.items():
     np.testing.assert_allclose(x, x0_target, atol=1e-4, err_msg=sampler)
 
