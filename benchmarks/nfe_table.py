@@ -1,6 +1,6 @@
-"""The README's quality-per-model-call table, from an eval part ``nfe_curve`` CSV.
+"""The quality-per-model-call table of docs/fast_sampling.md, from an eval part ``nfe_curve`` CSV.
 
-    python benchmarks/nfe_table.py runs/digits/eval/nfe_curve.csv [--update README.md]
+    python benchmarks/nfe_table.py runs/digits/eval/nfe_curve.csv [--update docs/fast_sampling.md]
 
 Prints a Markdown table (samplers as rows, model-call budgets as columns,
 the classifier Fréchet distance and the sampling wall time in each cell, the
@@ -41,7 +41,7 @@ def markdown(rows: list[dict], metric: str = 'classifier_frechet_at_n') -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('csv')
-  parser.add_argument('--update', help='a Markdown file with the nfe_curve markers')
+  parser.add_argument('--update', help='a Markdown file with the nfe_curve markers (docs/fast_sampling.md)')
   args = parser.parse_args()
   with open(args.csv) as f:
     table = markdown(list(csv.DictReader(f)))

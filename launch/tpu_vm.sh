@@ -4,7 +4,7 @@
 #   bash launch/tpu_vm.sh NAME ZONE [ACCELERATOR] [CONFIG] [WORKDIR]
 # Example: bash launch/tpu_vm.sh ddpm-cifar us-central2-b v4-32 configs/cifar10.py gs://bucket/runs/cifar10
 # The data set must be prepared in array_record format under DATA_DIR on every
-# host (or a mounted bucket): see README "Data".
+# host (or a mounted bucket): see docs/data.md.
 set -euo pipefail
 NAME=${1:?tpu name}; ZONE=${2:?zone}; ACCEL=${3:-v4-8}
 CONFIG=${4:-configs/cifar10.py}; WORKDIR=${5:-runs/$(basename "$CONFIG" .py)}
