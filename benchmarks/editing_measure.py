@@ -33,12 +33,12 @@ import time
 
 import numpy as np
 
-from diffusion_jax import classifier
-from diffusion_jax import classifier_metrics
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import editing_cli
 from diffusion_jax import images as image_lib
+from diffusion_jax.evaluation import classifier
+from diffusion_jax.evaluation import classifier_metrics
 
 
 def digit_classifier(config, workdir):

@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.inception_path = ml_collections.FieldReference(None, field_type=str)  # local .npz/.msgpack weights
   ev.fid_stats_path = ml_collections.FieldReference(None, field_type=str)  # reference mu/sigma .npz
   ev.classifier_steps = 2000      # digits classifier for the offline Frechet distance
-  ev.parts = 'bpd,rd,figures,fid,classifier'   # --mode eval parts (diffusion_jax/evaluate.py)
+  ev.parts = 'bpd,rd,figures,fid,classifier'   # --mode eval parts (diffusion_jax/evaluation/evaluate.py)
   ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
   ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
   ev.guidance_scales = '0,0.5,1,2,3'  # part 'guidance': w of the fidelity/diversity curve
@@ -135,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   inpaint.num_images = 100
   inpaint.split = 'test'
   inpaint.method = 'repaint'      # repaint (Lugmayr et al. 2022) | replace (score_sde's baseline)
-  inpaint.resample = 30           # repaint: resamplings per jump (README: 30 keeps 74.5% of digit classes)
+  inpaint.resample = 30           # repaint: resamplings per jump (docs/editing.md: 30 keeps 74.5% of digit classes)
   inpaint.jump_length = 5         # repaint: steps per jump back
   inpaint.num_steps = 50          # the walk on min(this, T) evenly spaced timesteps (0: all T)
   inpaint.eta = -1.0              # -1: the ancestral step (RePaint); >= 0: DDIM steps with this eta

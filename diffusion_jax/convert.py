@@ -111,7 +111,7 @@ def from_diffusers(model_dir, workdir, base=None) -> int:
 
 def to_diffusers(workdir, out_dir, config=None) -> epath.Path:
   """Exports the EMA parameters of ``workdir``'s latest checkpoint to ``out_dir``."""
-  from diffusion_jax import eval_runtime  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import runtime as eval_runtime  # pylint: disable=g-import-not-at-top
   config = (config if config is not None else read_config(workdir)).copy_and_resolve_references()
   config.sampling.use_ema = True
   interop.diffusers_unet_config(config)   # fails early for a model diffusers cannot express

@@ -46,6 +46,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import guidance
 from diffusion_jax import host
 from diffusion_jax import sampling
+from diffusion_jax import timesteps
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedule import Schedule
 
@@ -173,8 +174,8 @@ def repaint_walk(num_steps: int, resample: int, jump_length: int) -> np.ndarray:
   ``jump_length=1`` is Algorithm 1's resampling at every step.
   """
   t_max = int(num_steps)
-  u = sampling._check_int('inpaint.resample', resample, 1, 10**6)   # pylint: disable=protected-access
-  j = sampling._check_int('inpaint.jump_length', jump_length, 1, max(t_max, 1))   # pylint: disable=protected-access
+  u = timesteps.check_int('inpaint.resample', resample, 1, 10**6)
+  j = timesteps.check_int('inpaint.jump_length', jump_length, 1, max(t_max, 1))
   jumps = {k: u - 1 for k in range(0, t_max - j, j)}
   moves, t = [], t_max - 1
   while t >= 0:
@@ -192,7 +193,7 @@ def _walk_schedule(s: Schedule, model_fn: ModelFn, num_steps: Optional[int]):
   T = s.num_timesteps
   if num_steps is None or int(num_steps) == T:
     return s, model_fn
-  n = sampling._check_int('num_steps', num_steps, 1, T)   # pylint: disable=protected-access
+  n = timesteps.check_int('num_steps', num_steps, 1, T)
   s, wrap = sampling.respace_schedule(s, sampling.uniform_timesteps(T, n))
   return s, wrap(model_fn)
 
@@ -306,7 +307,7 @@ def segment_timesteps(t0: int, num_steps: Optional[int] = None,
   t0 = int(t0)
   if num_steps is None or int(num_steps) >= t0 + 1:
     return np.arange(t0 + 1, dtype=np.int64)
-  n = sampling._check_int('num_steps', num_steps, 1, t0 + 1)   # pylint: disable=protected-access
+  n = timesteps.check_int('num_steps', num_steps, 1, t0 + 1)
   if n == 1:
     return np.array([t0], np.int64)
   _choice('sampling.skip_type', skip_type, sampling.SKIP_TYPES)

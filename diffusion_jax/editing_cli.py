@@ -12,7 +12,7 @@
   their edits).
 
 Both use the EMA parameters of the latest checkpoint
-(:func:`eval_runtime.restore_for_eval`), chunks of ``sampling.batch_size``
+(:func:`evaluation.runtime.restore_for_eval`), chunks of ``sampling.batch_size``
 images (rounded up to a multiple of the device count, the last chunk padded
 so that one shape compiles) sharded on the batch axis, and chunk i's key
 ``fold_in(key, i)``. :func:`check_inpaint` / :func:`check_edit` are the checks
@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import editing
-from diffusion_jax import eval_runtime as rt
 from diffusion_jax import images as image_lib
+from diffusion_jax.evaluation import runtime as rt
 
 # Streams of randomness, folded into PRNGKey(config.seed).
 RNG_INPAINT, RNG_EDIT, RNG_MASK = 0x1E9A, 0xED17, 0x3A5C

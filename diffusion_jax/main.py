@@ -166,7 +166,7 @@ def run(config, mode: str, workdir) -> None:
       from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
       (editing_cli.run_inpaint if mode == 'inpaint' else editing_cli.run_edit)(config, workdir)
     else:
-      from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+      from diffusion_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
       (evaluate.sample if mode == 'sample' else evaluate.evaluate)(config, workdir)
   except (ckpt.NoCheckpointError, ckpt.CheckpointMismatchError) as e:
     fail(e)

@@ -15,10 +15,14 @@ References: Ho et al. 2020 (DDPM, Algorithm 2); Song, Meng & Ermon 2021 (DDIM,
 eq. 12); Song et al. 2021, "Score-Based Generative Modeling through SDEs"
 (Algorithm 3, the ``LangevinCorrector`` of yang-song/score_sde); Nichol &
 Dhariwal 2021 (respacing a schedule onto a sub-sequence of timesteps).
+
+The timestep grids and respacing live in :mod:`diffusion_jax.timesteps`, the
+DPM-Solver++ update in :mod:`diffusion_jax.dpm_solver`; their public names are
+re-exported here.
 """
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -31,10 +35,12 @@ from diffusion_jax import guidance
 from diffusion_jax import host
 from diffusion_jax import sde
 from diffusion_jax.diffusion import ModelFn
-from diffusion_jax.schedule import Schedule, schedule_from_betas
+from diffusion_jax.dpm_solver import dpm_solver_chain, dpm_solver_orders, dpm_solver_update
+from diffusion_jax.schedule import Schedule
+from diffusion_jax.timesteps import (SKIP_TYPES, batch_t, check_int, ddim_timesteps,
+                                     respace_schedule, snapshot_steps, uniform_timesteps)
 
 SAMPLERS = ('ancestral', 'ddim', 'pc', 'dpm_solver', 'ode')
-SKIP_TYPES = ('uniform', 'quadratic')
 
 __all__ = [
     'SAMPLERS', 'SKIP_TYPES', 'p_sample', 'p_sample_loop', 'p_sample_loop_progressive',
@@ -61,17 +67,6 @@ def _init(rng, shape, x_T, dtype=jnp.float32):
   return x_T, chain_key
 
 
-def _batch_t(t_scalar, x):
-  """A scalar timestep broadcast to the int32 batch vector ``[B]`` a model expects."""
-  return jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
-
-
-def _check_int(name, value, lo, hi):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-    raise ValueError(f'{name} must be an integer in [{lo}, {hi}]; got {value!r}.')
-  return int(value)
-
-
 # --- ancestral sampling (DDPM Algorithm 2) --------------------------------------------
 
 
@@ -85,7 +80,7 @@ def p_sample(s: Schedule, model_fn: ModelFn, x_t, t_scalar, key, *, mean_type='e
   Returns:
     (x_{t-1}, pred_x0), both of x_t's shape.
   """
-  t = _batch_t(t_scalar, x_t)
+  t = batch_t(t_scalar, x_t)
   out = diffusion.p_mean_variance(s, model_fn(x_t, t), x_t, t, mean_type=mean_type,
                                   var_type=var_type, clip_denoised=clip_denoised)
   noise = jax.random.normal(key, x_t.shape, x_t.dtype)
@@ -114,20 +109,6 @@ def p_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, mean_type: str 
 
   x, _ = jax.lax.scan(body, x, _reverse_ts(s))
   return x
-
-
-def snapshot_steps(num_timesteps: int, num_snapshots: int) -> np.ndarray:
-  """Zero-based timesteps of K snapshots evenly spaced along the chain, descending.
-
-  They include the first step T-1 and the last step 0 (K == 1: only the last).
-  """
-  T = num_timesteps
-  k = _check_int('num_snapshots', num_snapshots, 1, T)
-  if k == 1:
-    return np.zeros(1, np.int64)
-  pos = np.round(np.linspace(0, T - 1, k)).astype(np.int64)   # positions along the chain
-  assert np.unique(pos).size == k, pos
-  return (T - 1) - pos
 
 
 def p_sample_loop_progressive(s: Schedule, model_fn: ModelFn, rng, shape, *,
@@ -170,24 +151,6 @@ def p_sample_loop_progressive(s: Schedule, model_fn: ModelFn, rng, shape, *,
 
 
 # --- DDIM (Song, Meng & Ermon 2021) ----------------------------------------------------
-
-
-def ddim_timesteps(num_timesteps: int, num_steps: int, skip_type: str = 'uniform') -> np.ndarray:
-  """The ascending sub-sequence tau of zero-based timesteps DDIM visits (NumPy int array).
-
-  ``'uniform'``: ``i * (T // num_steps)`` for i = 0..num_steps-1;
-  ``'quadratic'``: ``(linspace(0, sqrt(0.8 T), num_steps) ** 2).astype(int)`` as in
-  the DDIM paper's code (it may repeat small timesteps when num_steps is close to
-  T; a repeated step is an exact no-op of eq. 12).
-  """
-  T = int(num_timesteps)
-  n = _check_int('num_steps', num_steps, 1, T)
-  if skip_type == 'uniform':
-    return np.arange(n, dtype=np.int64) * (T // n)
-  if skip_type == 'quadratic':
-    return (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(np.int64)
-  raise ValueError(f'skip_type must be one of {", ".join(map(repr, SKIP_TYPES))}; '
-                   f'got {skip_type!r}.')
 
 
 def ddim_step(s: Schedule, model_output, x_t, t, abar, abar_prev, eta, noise, *,
@@ -235,7 +198,7 @@ def ddim_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: i
 
   def body(x, inp):
     t_scalar, a, a_prev = inp
-    t = _batch_t(t_scalar, x)
+    t = batch_t(t_scalar, x)
     noise = jax.random.normal(jax.random.fold_in(chain_key, t_scalar), x.shape, x.dtype)
     x, _ = ddim_step(s, model_fn(x, t).astype(x.dtype), x, t, a, a_prev, eta, noise,
                      mean_type=mean_type, clip_denoised=clip_denoised)
@@ -245,116 +208,7 @@ def ddim_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: i
   return x
 
 
-# --- DPM-Solver++ (Lu et al. 2022, multistep, data prediction) ---------------------------
-
-
-def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool = True) -> np.ndarray:
-  """The order used at each of the ``num_steps`` updates (first update first; NumPy int array).
-
-  Multistep warm-up: update j can use at most j + 1 model outputs, so
-  ``min(order, j + 1)``. The last update goes to abar = 1, where the
-  log-SNR lambda is infinite and only the first-order (exponential-integrator)
-  update stays finite: it is always 1. With ``lower_order_final`` (Lu et al.
-  2022's reference code and diffusers drop the order at the final steps when
-  steps are few) every update into the last two grid points has order 1 and
-  each earlier one at most the number of updates left minus one: the step in
-  lambda into the smallest timestep is the largest of the chain (on the
-  uniform 10-step grid of the linear schedule, 3.5 against 0.75 for the
-  step before it), and extrapolating the data prediction across it is worse
-  than not (README, "Fast sampling": measured).
-  """
-  n = _check_int('num_steps', num_steps, 1, 1 << 30)
-  k = _check_int('order', order, 1, 3)
-  j = np.arange(n)
-  orders = np.minimum(k, j + 1)
-  if lower_order_final:
-    orders = np.minimum(orders, np.maximum(n - 1 - j, 1))
-  orders[-1] = 1
-  return orders.astype(np.int32)
-
-
-def _lambda_table(s: Schedule, seq):
-  """alpha, sigma and lambda = log(alpha / sigma) at ``seq`` (descending) and at the final abar = 1.
-
-  Returns ``(alpha_next, sigma_ratio, h, h_prev, h_prev2)`` per update (float32,
-  the update from seq[i] to seq[i+1], the last one to abar = 1): h the step in
-  lambda (1 where infinite: the last update only uses ``sigma_ratio`` = 0 and
-  alpha_next = 1), h_prev / h_prev2 those of the one and two updates before (1
-  where undefined; the orders never use them there).
-  """
-  abar = s.alphas_cumprod[jnp.asarray(seq, jnp.int32)]
-  alpha, sigma = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-  lam = jnp.log(alpha) - jnp.log(sigma)
-  one = jnp.ones((1,), abar.dtype)
-  alpha_next = jnp.concatenate([alpha[1:], one])
-  sigma_ratio = jnp.concatenate([sigma[1:] / sigma[:-1], 0.0 * one])
-  h = jnp.concatenate([lam[1:] - lam[:-1], one])
-  h_prev = jnp.concatenate([one, h[:-1]])
-  h_prev2 = jnp.concatenate([one, h_prev[:-1]])
-  return alpha_next, sigma_ratio, h, h_prev, h_prev2
-
-
-def dpm_solver_update(x, m0, m1, m2, order, alpha_next, sigma_ratio, h, h_prev, h_prev2):
-  """One DPM-Solver++ multistep update (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and App. B).
-
-  With the data predictions m0, m1, m2 at the current and the two previous
-  grid points, phi_1 = expm1(-h), r0 = h_prev / h and r1 = h_prev2 / h:
-
-  - order 1 (DDIM, eta = 0): x' = (sigma'/sigma) x - alpha' phi_1 m0;
-  - order 2 (2M): D1 = (m0 - m1) / r0, x' = order-1 update - alpha' phi_1 D1 / 2;
-  - order 3 (3M): D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
-    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1),
-    x' = (sigma'/sigma) x - alpha' phi_1 m0 + alpha' phi_2 D1 - alpha' phi_3 D2,
-    phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2.
-
-  The update to abar = 1 (sigma' = 0, h infinite) is order 1 and returns m0.
-  A repeated grid point (h = 0, e.g. the quadratic grid's first entries) is an
-  exact no-op, and the update after it lowers its order so as never to divide
-  by a zero step.
-  """
-  order = jnp.where(h_prev == 0, 1, jnp.where(h_prev2 == 0, jnp.minimum(order, 2), order))
-  h = jnp.where(h == 0, 1.0, h)   # the no-op's h: any finite value (selected away below)
-  phi1 = jnp.where(sigma_ratio == 0, -1.0, jnp.expm1(-h))
-  first = sigma_ratio * x - alpha_next * phi1 * m0
-  r0, r1 = h_prev / h, h_prev2 / h
-  d1_0 = (m0 - m1) / r0
-  second = first - 0.5 * alpha_next * phi1 * d1_0
-  d1_1 = (m1 - m2) / r1
-  d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-  d2 = (d1_0 - d1_1) / (r0 + r1)
-  phi2 = phi1 / h + 1.0
-  phi3 = phi2 / h - 0.5
-  third = first + alpha_next * phi2 * d1 - alpha_next * phi3 * d2
-  new = jnp.where(order == 1, first, jnp.where(order == 2, second, third))
-  return jnp.where(sigma_ratio == 1, x, new).astype(x.dtype)
-
-
-def dpm_solver_chain(s: Schedule, model_fn: ModelFn, x, timesteps, *, order: int = 2,
-                     mean_type: str = 'eps', clip_denoised: bool = False,
-                     lower_order_final: bool = True):
-  """DPM-Solver++ from x at ``max(timesteps)`` down the ascending ``timesteps`` to abar = 1.
-
-  One ``lax.scan``; exactly ``len(timesteps)`` model calls, one per grid
-  point. ``timesteps`` is a concrete ascending sequence of zero-based indices
-  (e.g. :func:`ddim_timesteps`, or a prefix of it for SDEdit).
-  """
-  seq = np.asarray(timesteps, np.int64)[::-1]
-  orders = jnp.asarray(dpm_solver_orders(len(seq), order, lower_order_final))
-  table = _lambda_table(s, seq)
-
-  def body(carry, inp):
-    x, m1, m2 = carry
-    t_scalar, step_order, *coefs = inp
-    t = _batch_t(t_scalar, x)
-    m0 = diffusion.predict_x0(s, model_fn(x, t).astype(x.dtype), x, t, mean_type=mean_type)
-    if clip_denoised:
-      m0 = jnp.clip(m0, -1.0, 1.0)
-    return (dpm_solver_update(x, m0, m1, m2, step_order, *coefs), m0, m1), None
-
-  zeros = jnp.zeros_like(x)
-  (x, _, _), _ = jax.lax.scan(body, (x, zeros, zeros),
-                              (jnp.asarray(seq, jnp.int32), orders) + tuple(table))
-  return x
+# --- DPM-Solver++ (Lu et al. 2022; the solver is diffusion_jax.dpm_solver) ----------------
 
 
 def dpm_solver_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: int,
@@ -378,41 +232,6 @@ def dpm_solver_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_st
                           clip_denoised=clip_denoised, lower_order_final=lower_order_final)
 
 
-# --- respacing (a schedule on a sub-sequence of timesteps) -------------------------------
-
-
-def uniform_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """``num_steps`` ascending timesteps evenly spaced over [0, T-1], both ends included."""
-  n = _check_int('num_steps', num_steps, 1, num_timesteps)
-  if n == 1:
-    return np.array([num_timesteps - 1], np.int64)
-  return np.round(np.linspace(0, num_timesteps - 1, n)).astype(np.int64)
-
-
-def respace_schedule(s: Schedule, timesteps: Sequence[int]):
-  """The Markov chain that only visits ``timesteps`` (iDDPM §4, ``space_timesteps``).
-
-  beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}} (abar_{tau_{-1}} = 1) keeps every
-  marginal q(x_{tau_i} | x_0). Needs a concrete (non-traced) schedule.
-
-  Returns:
-    (respaced Schedule, wrap) where ``wrap(model_fn)`` maps the new zero-based
-    steps back to the original timesteps the model was trained on.
-  """
-  tau = np.asarray(timesteps, np.int64)
-  if tau.ndim != 1 or tau.size < 1 or np.any(np.diff(tau) <= 0):
-    raise ValueError(f'timesteps must be strictly increasing; got {tau}.')
-  abar = np.cumprod(1.0 - np.asarray(s.betas, np.float64))[tau]
-  betas = 1.0 - abar / np.append(1.0, abar[:-1])
-  new = schedule_from_betas(betas, dtype=s.betas.dtype)
-  tau_j = jnp.asarray(tau, jnp.int32)
-
-  def wrap(model_fn: ModelFn) -> ModelFn:
-    return lambda x, t: model_fn(x, tau_j[t])
-
-  return new, wrap
-
-
 # --- predictor-corrector (score SDE Algorithm 3, VP-SDE) ---------------------------------
 
 
@@ -427,7 +246,7 @@ def langevin_correct(s: Schedule, model_fn: ModelFn, x_t, t_scalar, key, *, snr:
   eps = 2 alpha_t (snr ||z|| / ||s_theta||)^2 with alpha_t = 1 - beta_t and the
   norms per example, averaged over the batch.
   """
-  t = _batch_t(t_scalar, x_t)
+  t = batch_t(t_scalar, x_t)
   score = diffusion.score_from_model_output(s, model_fn(x_t, t).astype(x_t.dtype), x_t, t,
                                             mean_type=mean_type)
   noise = jax.random.normal(key, x_t.shape, x_t.dtype)
@@ -456,8 +275,8 @@ def pc_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: Opt
   ``N``-step discretisation of the same VP-SDE. ``None`` means T.
   """
   T = s.num_timesteps
-  n = T if num_steps is None else _check_int('num_steps', num_steps, 1, T)
-  m = _check_int('num_corrector_steps', num_corrector_steps, 0, 10**6)
+  n = T if num_steps is None else check_int('num_steps', num_steps, 1, T)
+  m = check_int('num_corrector_steps', num_corrector_steps, 0, 10**6)
   if n < T:
     s, wrap = respace_schedule(s, uniform_timesteps(T, n))
     model_fn = wrap(model_fn)

@@ -12,8 +12,6 @@ hosts (the host index enters only through the input pipeline's shard).
 
 import functools
 import json
-import os
-import signal
 import time
 from typing import Any, Optional
 
@@ -32,11 +30,12 @@ from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
-from diffusion_jax import event_file
 from diffusion_jax import guidance
 from diffusion_jax import host
 from diffusion_jax import images as image_lib
+from diffusion_jax import metric_writers
 from diffusion_jax import models
+from diffusion_jax import preemption
 from diffusion_jax import sampling
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import storage
@@ -335,78 +334,6 @@ def save_sample_grid(sample_fn, params, rng, path, nrow=None) -> Optional[str]:
 # --- the loop -------------------------------------------------------------------------------
 
 
-class _Preemption:
-  """SIGTERM / SIGINT -> save a checkpoint, then exit cleanly.
-
-  One process: a handler sets a flag that the loop checks after every call.
-  Several processes: JAX's preemption service (``jax.distributed.initialize``
-  starts it; it catches SIGTERM itself) picks a step that every host reaches,
-  and ``CheckpointManager.reached_preemption`` (JAX's
-  ``reached_preemption_sync_point``) is true on all hosts at that same call, so
-  they save the same step together. Installing a Python SIGTERM handler there
-  would replace JAX's, so only SIGINT (Ctrl-C) is handled, by re-sending it as
-  SIGTERM to this process.
-  """
-
-  def __init__(self, manager, *, multi_host: bool):
-    self.signal = None
-    self._manager = manager
-    self._multi_host = multi_host
-    self._old = {}
-
-  def __enter__(self):
-    sigs = (signal.SIGINT,) if self._multi_host else (signal.SIGTERM, signal.SIGINT)
-    for sig in sigs:
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: leave the handlers alone
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    if self.signal is not None:  # a second signal: stop at once
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
-    logging.warning('Received %s: saving a checkpoint and stopping.', self.signal)
-    if self._multi_host:
-      os.kill(os.getpid(), signal.SIGTERM)   # to JAX's preemption notifier
-
-  def should_stop(self, call_index: int) -> bool:
-    """Whether to save and stop after call ``call_index`` (0, 1, 2, ... on every host)."""
-    if self._multi_host:
-      return bool(self._manager.reached_preemption(call_index))
-    return self.signal is not None
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
-_MetricWriter = event_file.MetricWriter   # TensorBoard scalars: synchronous, whole records only
-
-
-def _check_finite(history: list, step: int):
-  if any(m['finite'] < 1 for m in history):
-    bad = next(i for i, m in enumerate(history) if m['finite'] < 1)
-    raise FloatingPointError(
-        f'Non-finite loss or gradient at step {step - len(history) + bad + 1}; stopping. '
-        'The state was not updated by that step and nothing non-finite was saved. '
-        'Try a lower optim.lr, a smaller optim.grad_clip, or model.dtype=float32.')
-
-
-def _summarise(history: list) -> dict:
-  return {k: float(np.mean([m[k] for m in history])) for k in history[0] if k != 'finite'}
-
-
-def _flush_metrics(pending: list) -> list:
-  """Per-step metric dicts (device arrays, stacked over steps_per_call) -> list of floats."""
-  out = []
-  for m in jax.device_get(pending):
-    n = len(next(iter(m.values())))
-    out.extend({k: float(v[i]) for k, v in m.items()} for i in range(n))
-  return out
-
-
 def setup(config):
   """Validates the config and builds model, schedule, optimiser, mesh and initial state."""
   config_lib.validate_config(config)
@@ -479,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   batches_sharding = batch_sharding(mesh)
   sample_fn = make_sample_fn(config, model, schedule, tr.num_sample_images)
   sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A17)
-  writer = _MetricWriter(workdir / 'tensorboard')
+  writer = metric_writers.MetricWriter(workdir / 'tensorboard')
   samples_dir = workdir / 'samples'
   k = tr.steps_per_call
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
@@ -497,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
              dynamic_ncols=True)
   step, calls = start, 0
   try:
-    with _Preemption(manager, multi_host=jax.process_count() > 1) as preempt:
+    with preemption.Preemption(manager, multi_host=jax.process_count() > 1) as preempt:
       while step < tr.num_train_steps:
         n = min(k, tr.num_train_steps - step)
         batches = next_batches(train_iter, n, batches_sharding)
@@ -511,12 +438,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
         stop = preempt.should_stop(calls)
         calls += 1
         if boundary(tr.log_every_steps) or boundary(tr.checkpoint_every_steps) or stop:
-          flushed = _flush_metrics(pending)
+          flushed = metric_writers.fetch(pending)
           pending = []
-          _check_finite(flushed, step)
+          metric_writers.check_finite(flushed, step)
           history.extend(flushed)   # every step since the last log line
           if boundary(tr.log_every_steps) or stop:
-            summary = _summarise(history)
+            summary = metric_writers.summarise(history)
             history = []
             now = time.time()
             summary['images_per_sec'] = (step - step_last) * tr.batch_size / max(now - t_last, 1e-9)

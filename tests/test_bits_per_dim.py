@@ -1,10 +1,11 @@
-"""Tests for diffusion_jax.bits_per_dim (DDPM eq. 5, Table 2); the whole part runs in test_evaluate.py."""
+"""Tests for diffusion_jax.evaluation.bits_per_dim (DDPM eq. 5, Table 2); the whole part runs in test_evaluate.py."""
 
 import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import bits_per_dim, config_lib
+from diffusion_jax import config_lib
+from diffusion_jax.evaluation import bits_per_dim
 from diffusion_jax.schedule import make_schedule
 
 

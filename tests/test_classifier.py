@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.classifier: the offline digits feature network.
+"""Tests for diffusion_jax.evaluation.classifier: the offline digits feature network.
 
 Uses scikit-learn's bundled digits (no download) with a seeded split, scaled
 from [0, 16] to [-1, 1] like the project's data pipeline.
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from diffusion_jax import classifier
 from diffusion_jax import config_lib
-from diffusion_jax import metrics
+from diffusion_jax.evaluation import classifier
+from diffusion_jax.evaluation import metrics
 
 STEPS = 200
 

@@ -1,9 +1,10 @@
-"""Tests for diffusion_jax.classifier_metrics (the metric itself runs in test_evaluate.py)."""
+"""Tests for diffusion_jax.evaluation.classifier_metrics (the metric itself runs in test_evaluate.py)."""
 
 import numpy as np
 import pytest
 
-from diffusion_jax import classifier_metrics, config_lib, data
+from diffusion_jax import config_lib, data
+from diffusion_jax.evaluation import classifier_metrics
 
 
 def test_digits_labels_follow_the_splits():
@@ -66,7 +67,7 @@ def test_the_classifier_learns_on_digits_that_are_neither_reference_nor_baseline
 @pytest.fixture(scope='module')
 def honest_metric(tmp_path_factory):
   """The real baseline, the reference and distorted copies of the baseline, as features."""
-  from diffusion_jax import classifier  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
   config = config_lib.digits_config()
   config.eval.classifier_steps = 500
   params = classifier_metrics.load_digit_classifier(config, str(tmp_path_factory.mktemp('wd')))

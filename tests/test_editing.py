@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import classifier_metrics
 from diffusion_jax import config_lib
 from diffusion_jax import editing
 from diffusion_jax import editing_cli
 from diffusion_jax import main
 from diffusion_jax import sampling
+from diffusion_jax.evaluation import classifier_metrics
 from diffusion_jax.schedule import make_schedule
 
 T = 20

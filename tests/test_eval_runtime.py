@@ -1,11 +1,11 @@
-"""Tests for diffusion_jax.eval_runtime: output files and workdir paths."""
+"""Tests for diffusion_jax.evaluation.runtime: output files and workdir paths."""
 
 import json
 import os
 
 import numpy as np
 
-from diffusion_jax import eval_runtime as rt
+from diffusion_jax.evaluation import runtime as rt
 
 
 def test_files_round_trip_atomically(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.evaluate: the ``--mode sample`` and ``--mode eval`` drivers.
+"""Tests for diffusion_jax.evaluation.evaluate: the ``--mode sample`` and ``--mode eval`` drivers.
 
 A tiny model is trained for 4 steps (module fixture) and evaluated once with
 every part (module fixture); the tests then check the files. The pure pieces
@@ -19,7 +19,8 @@ import sys
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, evaluate, train
+from diffusion_jax import config_lib, train
+from diffusion_jax.evaluation import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.fid: FID / Inception Score plumbing (random Inception weights)."""
+"""Tests for diffusion_jax.evaluation.fid: FID / Inception Score plumbing (random Inception weights)."""
 
 import math
 import os
@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, data, fid
+from diffusion_jax import config_lib, data
+from diffusion_jax.evaluation import fid
 
 
 def test_fid_missing_inception_path_prints_the_key(tmp_path, capsys):
@@ -22,9 +23,9 @@ def test_fid_missing_inception_path_prints_the_key(tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def inception_path(tmp_path_factory):
-  from diffusion_jax import inception
+  from diffusion_jax.evaluation import inception_weights
   path = str(tmp_path_factory.mktemp('inception') / 'random_inception.msgpack')
-  inception.save_inception_params(inception.init_inception_variables(seed=0), path)
+  inception_weights.save_inception_params(inception_weights.init_inception_variables(seed=0), path)
   return path
 
 

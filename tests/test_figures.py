@@ -1,11 +1,12 @@
-"""Tests for diffusion_jax.figures: reverse chains from x_t (DDPM Figs. 6-9)."""
+"""Tests for diffusion_jax.evaluation.figures: reverse chains from x_t (DDPM Figs. 6-9)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, diffusion, figures, sampling
+from diffusion_jax import config_lib, diffusion, sampling
+from diffusion_jax.evaluation import figures
 from diffusion_jax.schedule import make_schedule
 
 

@@ -14,8 +14,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from diffusion_jax import classifier_metrics, config_lib, data as data_lib, guidance, models
-from diffusion_jax import guidance_sweep, samples, sampling, train
+from diffusion_jax import config_lib, data as data_lib, guidance, models
+from diffusion_jax import sampling, train
+from diffusion_jax.evaluation import classifier_metrics
+from diffusion_jax.evaluation import guidance_sweep, samples
 from diffusion_jax.schedule import make_schedule
 
 from test_train import tiny_config
@@ -358,7 +360,8 @@ def test_guidance_scales_and_csv(tmp_path):
 
 
 def test_bits_per_dim_of_a_conditional_model_uses_the_true_labels():
-  from diffusion_jax import bits_per_dim, diffusion
+  from diffusion_jax import diffusion
+  from diffusion_jax.evaluation import bits_per_dim
   config = cond_config()
   model, params = _init(config)
   params = _random_params(params)

@@ -58,7 +58,7 @@ def test_configure_cpu_in_a_fresh_process(requested, want):
 _SAMPLER_CHILD = """
 import jax, numpy as np
 from diffusion_jax import config_lib, host, models, sampling, schedule as schedule_lib
-from diffusion_jax import eval_runtime as rt
+from diffusion_jax.evaluation import runtime as rt
 config = config_lib.digits_config()
 config.training.cpu_devices = 2
 host.configure_cpu_devices(config)           # exactly what the CLI does before JAX starts

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.inception (the FID InceptionV3) with random weights.
+"""Tests for diffusion_jax.evaluation.inception (the FID InceptionV3) with random weights.
 
 No pretrained weights are available offline, so the network is checked
 against an independent description of pytorch-fid's model: the test below
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import inception
+from diffusion_jax.evaluation import inception, inception_weights
 
 # pytorch-fid's FID InceptionV3 incl. the 1008-way fc: torchvision's
 # inception_v3 has 27,161,264 parameters with the aux classifier and 1000
@@ -203,12 +203,12 @@ def torch_state_dict():
 
 @pytest.fixture(scope='module')
 def converted(torch_state_dict):
-  return inception.convert_pytorch_fid_state_dict(torch_state_dict)
+  return inception_weights.convert_pytorch_fid_state_dict(torch_state_dict)
 
 
 @pytest.fixture(scope='module')
 def variables():
-  return inception.init_inception_variables(seed=1)
+  return inception_weights.init_inception_variables(seed=1)
 
 
 def _images(n, size, seed=0):
@@ -222,10 +222,10 @@ def _images(n, size, seed=0):
 
 def test_parameter_count_matches_pytorch_fid(torch_state_dict, variables):
   assert _torch_num_parameters(torch_state_dict) == FID_INCEPTION_NUM_PARAMS
-  assert inception.count_params(variables['params']) == FID_INCEPTION_NUM_PARAMS
-  assert inception.count_params(variables['batch_stats']) == FID_INCEPTION_NUM_BN_STATS
-  template = inception.inception_variables_template()
-  assert inception.count_params(template['params']) == FID_INCEPTION_NUM_PARAMS
+  assert inception_weights.count_params(variables['params']) == FID_INCEPTION_NUM_PARAMS
+  assert inception_weights.count_params(variables['batch_stats']) == FID_INCEPTION_NUM_BN_STATS
+  template = inception_weights.inception_variables_template()
+  assert inception_weights.count_params(template['params']) == FID_INCEPTION_NUM_PARAMS
 
 
 @pytest.fixture(scope='module')
@@ -297,45 +297,45 @@ def test_converter_layouts_and_errors(torch_state_dict, converted):
       p['Mixed_7c']['branch_pool']['bn']['scale'],
       torch_state_dict['Mixed_7c.branch_pool.bn.weight'])
   # Same structure and shapes as the module's own variables.
-  template = inception.inception_variables_template()
+  template = inception_weights.inception_variables_template()
   chex.assert_trees_all_equal_shapes(
       template, jax.tree_util.tree_map(jnp.asarray, converted))
 
   missing = dict(torch_state_dict)
   del missing['Mixed_5b.branch_pool.bn.running_mean']
   with pytest.raises(ValueError, match='missing'):
-    inception.convert_pytorch_fid_state_dict(missing)
+    inception_weights.convert_pytorch_fid_state_dict(missing)
   with pytest.raises(ValueError, match='AuxLogits'):
-    inception.convert_pytorch_fid_state_dict(
+    inception_weights.convert_pytorch_fid_state_dict(
         {**torch_state_dict, 'AuxLogits.fc.weight': np.zeros((1008, 768))})
   wrong = dict(torch_state_dict)
   wrong['Mixed_5b.branch_pool.conv.weight'] = np.zeros((64, 192, 1, 1), np.float32)
   with pytest.raises(ValueError, match='shape'):
-    inception.convert_pytorch_fid_state_dict(wrong)
+    inception_weights.convert_pytorch_fid_state_dict(wrong)
 
 
 def test_save_load_round_trip(tmp_path, variables, torch_state_dict, converted):
   for name in ('inception.msgpack', 'inception.npz'):
     path = tmp_path / name
-    inception.save_inception_params(variables, path)
-    loaded = inception.load_inception_params(path)
+    inception_weights.save_inception_params(variables, path)
+    loaded = inception_weights.load_inception_params(path)
     chex.assert_trees_all_equal(loaded, variables)
   # A raw pytorch-fid state dict saved as .npz is converted on load.
   path = tmp_path / 'pt_inception-2015-12-05.npz'
   np.savez(path, **torch_state_dict)
-  chex.assert_trees_all_equal(inception.load_inception_params(path), converted)
+  chex.assert_trees_all_equal(inception_weights.load_inception_params(path), converted)
 
 
 def test_missing_weights_error_names_the_config_key(tmp_path):
   with pytest.raises(FileNotFoundError, match='eval.inception_path') as e:
-    inception.load_inception_params(None)
+    inception_weights.load_inception_params(None)
   assert 'pt_inception-2015-12-05' in str(e.value)
   with pytest.raises(FileNotFoundError, match='eval.inception_path'):
-    inception.load_inception_params(tmp_path / 'absent.msgpack')
+    inception_weights.load_inception_params(tmp_path / 'absent.msgpack')
   bad = tmp_path / 'bad.npz'
   np.savez(bad, **{'params/fc/kernel': np.zeros((3, 3))})
   with pytest.raises(ValueError):
-    inception.load_inception_params(bad)
+    inception_weights.load_inception_params(bad)
 
 
 def test_fid_pooling_variants():

@@ -1,9 +1,9 @@
-"""Tests for diffusion_jax.kernel_distance: KID against closed forms."""
+"""Tests for diffusion_jax.evaluation.kernel_distance: KID against closed forms."""
 
 import numpy as np
 import pytest
 
-from diffusion_jax import kernel_distance, metrics
+from diffusion_jax.evaluation import kernel_distance, metrics
 
 
 def _moments_of_dot(a: float, b: float, d: int):

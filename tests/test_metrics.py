@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.metrics: Fréchet distance, Inception Score, stats files.
+"""Tests for diffusion_jax.evaluation.metrics: Fréchet distance, Inception Score, stats files.
 
 The closed forms are computed here without scipy.linalg.sqrtm (eigh-based
 square roots, or diagonal/commuting covariances), so they check the
@@ -8,7 +8,7 @@ library's sqrtm path independently.
 import numpy as np
 import pytest
 
-from diffusion_jax import metrics
+from diffusion_jax.evaluation import metrics
 
 
 def _psd_sqrt(a):

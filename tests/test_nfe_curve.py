@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.nfe_curve: quality per model call (eval part ``nfe_curve``)."""
+"""Tests for diffusion_jax.evaluation.nfe_curve: quality per model call (eval part ``nfe_curve``)."""
 
 import csv
 import os
@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, models, nfe_curve, sampling
+from diffusion_jax import config_lib, models, sampling
 from diffusion_jax import schedule as schedule_lib
+from diffusion_jax.evaluation import nfe_curve
 
 
 def test_parse_numbers_names_the_field():

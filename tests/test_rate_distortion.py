@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.rate_distortion (DDPM §4.3, Fig. 5).
+"""Tests for diffusion_jax.evaluation.rate_distortion (DDPM §4.3, Fig. 5).
 
 Closed forms: an oracle denoiser for a fixed x_0 (every term of the bound is
 known exactly) and the optimal denoiser for Gaussian data (the x_0-prediction
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, rate_distortion
+from diffusion_jax import diffusion
+from diffusion_jax.evaluation import rate_distortion
 from diffusion_jax.schedule import make_schedule
 
 

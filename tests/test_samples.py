@@ -1,8 +1,8 @@
-"""Tests for diffusion_jax.samples (sample sets; ``--mode sample`` runs in test_evaluate.py)."""
+"""Tests for diffusion_jax.evaluation.samples (sample sets; ``--mode sample`` runs in test_evaluate.py)."""
 
 import pytest
 
-from diffusion_jax import samples
+from diffusion_jax.evaluation import samples
 
 
 def test_sample_set_names():

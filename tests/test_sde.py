@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import config_lib, sampling, sde
+from diffusion_jax.evaluation import ode_bpd
 from diffusion_jax.models import layers
 from diffusion_jax.schedule import make_schedule
 
@@ -252,7 +253,7 @@ def test_ode_bpd_eval_matches_the_closed_form(sched):
   config.eval.ode_bpd_exact_trace = True
   images = np.random.default_rng(8).integers(0, 256, (5, 2, 2, 1)).astype(np.uint8)
   rng = jax.random.PRNGKey(9)
-  out = sde.ode_bpd_eval(config, sched, apply_fn, 1.0, images, rng, batch_size=2, progress=False)
+  out = ode_bpd.ode_bpd_eval(config, sched, apply_fn, 1.0, images, rng, batch_size=2, progress=False)
   chex.assert_shape(out['bpd'], (5,))
   assert out['nfe'].shape == (3,) and np.all(out['nfe'] > 10)
   want = []
@@ -272,7 +273,7 @@ def test_a_solve_past_max_steps_returns_nan(sched, gauss):
 
 
 def test_eval_part_ode_bpd_writes_json_with_the_bound_beside_it(sched, tmp_path):
-  from diffusion_jax import evaluate
+  from diffusion_jax.evaluation import evaluate
   config = config_lib.digits_config()
   config.eval.num_ode_bpd_examples = 4
   config.sampling.ode_rtol = config.sampling.ode_atol = 1e-3

@@ -23,13 +23,13 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from diffusion_jax import checkpoint as ckpt
-from diffusion_jax import event_file
-from diffusion_jax import eval_runtime as rt
 from diffusion_jax import images as image_lib
 from diffusion_jax import main as main_lib
+from diffusion_jax import metric_writers
 from diffusion_jax import models
 from diffusion_jax import storage
 from diffusion_jax import train
+from diffusion_jax.evaluation import runtime as rt
 from test_train import TINY, tiny_config
 
 TENSORSTORE_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "params.conv_in.kernel/0" in OCDBT '
@@ -144,7 +144,7 @@ def test_full_disk_outside_the_file_writer_is_one_line_too(tmp_path, monkeypatch
     raise OSError(errno.ENOSPC, 'No space left on device', f'{workdir}/eval')
 
   monkeypatch.setattr(main_lib, 'preflight', lambda *args: None)
-  monkeypatch.setattr('diffusion_jax.evaluate.evaluate', full)
+  monkeypatch.setattr('diffusion_jax.evaluation.evaluate.evaluate', full)
   with pytest.raises(SystemExit) as e:
     main_lib.run(tiny_config(), 'eval', str(tmp_path))
   assert e.value.code == 1
@@ -160,10 +160,10 @@ def _records(path) -> list:
     if len(data) < 12:
       raise ValueError('partial record header')
     (n,) = struct.unpack('<Q', data[:8])
-    if struct.unpack('<I', data[8:12])[0] != event_file.masked_crc32c(data[:8]):
+    if struct.unpack('<I', data[8:12])[0] != metric_writers.masked_crc32c(data[:8]):
       raise ValueError('bad length CRC')
     body, crc = data[12:12 + n], data[12 + n:16 + n]
-    if len(crc) < 4 or struct.unpack('<I', crc)[0] != event_file.masked_crc32c(body):
+    if len(crc) < 4 or struct.unpack('<I', crc)[0] != metric_writers.masked_crc32c(body):
       raise ValueError('partial record')
     events.append(event_pb2.Event.FromString(body))
     data = data[16 + n:]
@@ -171,7 +171,7 @@ def _records(path) -> list:
 
 
 def test_full_disk_during_tensorboard_write_cuts_the_events_file_back(tmp_path, disk):
-  writer = train._MetricWriter(tmp_path / 'tb')  # pylint: disable=protected-access
+  writer = metric_writers.MetricWriter(tmp_path / 'tb')
   writer.write(1, {'loss': 0.5, 'mse': 0.25})
   (path,) = [tmp_path / 'tb' / p for p in os.listdir(tmp_path / 'tb')]
   disk['left'] = 20   # the next record (~60 bytes) only partly fits

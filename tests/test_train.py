@@ -18,6 +18,7 @@ from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import host
+from diffusion_jax import metric_writers
 from diffusion_jax import train
 
 TINY = {
@@ -195,7 +196,7 @@ def test_train_step_finite_guard():
   chex.assert_trees_all_equal(jax.device_get(state.params), before.params)
   chex.assert_trees_all_equal(jax.device_get(state.ema_params), before.ema_params)
   with pytest.raises(FloatingPointError, match='Non-finite loss or gradient at step 1'):
-    train._check_finite(train._flush_metrics([metrics]), 1)
+    metric_writers.check_finite(metric_writers.fetch([metrics]), 1)
   good = {'image': jnp.zeros((1, 16, 8, 8, 1))}
   state, metrics = step_fn(state, good)
   assert float(metrics['finite'][0]) == 1.0 and int(state.step) == 2

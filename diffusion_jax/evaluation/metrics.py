@@ -169,7 +169,7 @@ def load_stats(path: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray]:
         'No reference FID statistics: eval.fid_stats_path is '
         + ('not set' if path is None else f'{os.fspath(path)!r}, which does not exist')
         + '. Give a local .npz with keys mu and sigma (e.g. TTUR / pytorch-fid '
-        'precomputed statistics, or diffusion_jax.metrics.save_stats of '
+        'precomputed statistics, or diffusion_jax.evaluation.metrics.save_stats of '
         'Inception pool3 features of the training set).')
   with np.load(os.fspath(path)) as f:
     if 'mu' not in f.files or 'sigma' not in f.files:

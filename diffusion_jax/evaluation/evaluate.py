@@ -1,38 +1,39 @@
 """``--mode sample`` and ``--mode eval``: what a user does with a trained DDPM.
 
-:func:`sample` (from :mod:`diffusion_jax.samples`) writes
+:func:`sample` (from :mod:`diffusion_jax.evaluation.samples`) writes
 ``config.sampling.num_samples`` images from the (EMA) parameters of the latest
 checkpoint. :func:`evaluate` runs the experiments of Ho et al. 2020
 ("Denoising Diffusion Probabilistic Models", DDPM) named by ``eval.parts`` on
-a checkpoint and writes them to ``workdir/eval/``; each part is one module:
+a checkpoint and writes them to ``workdir/eval/``; each part is one module of
+:mod:`diffusion_jax.evaluation`:
 
-===============  ======================================  =====================================
-part             module                                  output
-===============  ======================================  =====================================
-``bpd``          :mod:`diffusion_jax.bits_per_dim`       ``bpd.json`` (test NLL in bits/dim and
-                                                         its L_T / sum L_t / L_0 breakdown, eq. 5,
-                                                         Table 2), ``bpd_terms.npz``
-``rd``           :mod:`diffusion_jax.rate_distortion`    ``rate_distortion.csv`` / ``.png``
-                                                         (§4.3, Algorithms 3-4, Fig. 5)
-``figures``      :mod:`diffusion_jax.figures`            ``progressive_generation.png`` (Fig. 6),
-                                                         ``shared_latent.png`` (Fig. 7),
-                                                         ``interpolation.png`` (Figs. 8-9)
-``fid``          :mod:`diffusion_jax.fid`                FID, KID and IS in ``metrics.json``
-                                                         (needs ``eval.inception_path``)
-``classifier``   :mod:`diffusion_jax.classifier_metrics` digits only: distances in a small digit
-                                                         classifier's feature space, ``metrics.json``
-``guidance``     :mod:`diffusion_jax.guidance_sweep`     class-conditional models: the metrics per
-                                                         guidance scale, ``guidance.csv`` / ``.png``
-``ode_bpd``      :mod:`diffusion_jax.sde`                ``ode_bpd.json``: test bits/dim under the
-                                                         probability-flow ODE (score SDE App. D),
-                                                         uniformly dequantised, with the bound's
-                                                         bits/dim beside it
-``nfe_curve``    :mod:`diffusion_jax.nfe_curve`          ``nfe_curve.csv`` / ``.png``: sample
-                                                         quality against model calls for DDIM,
-                                                         DPM-Solver++, respaced ancestral, ODE
-===============  ======================================  =====================================
+===============  ======================  =====================================
+part             module                  output
+===============  ======================  =====================================
+``bpd``          ``bits_per_dim``        ``bpd.json`` (test NLL in bits/dim and
+                                         its L_T / sum L_t / L_0 breakdown, eq. 5,
+                                         Table 2), ``bpd_terms.npz``
+``rd``           ``rate_distortion``     ``rate_distortion.csv`` / ``.png``
+                                         (§4.3, Algorithms 3-4, Fig. 5)
+``figures``      ``figures``             ``progressive_generation.png`` (Fig. 6),
+                                         ``shared_latent.png`` (Fig. 7),
+                                         ``interpolation.png`` (Figs. 8-9)
+``fid``          ``fid``                 FID, KID and IS in ``metrics.json``
+                                         (needs ``eval.inception_path``)
+``classifier``   ``classifier_metrics``  digits only: distances in a small digit
+                                         classifier's feature space, ``metrics.json``
+``guidance``     ``guidance_sweep``      class-conditional models: the metrics per
+                                         guidance scale, ``guidance.csv`` / ``.png``
+``ode_bpd``      ``ode_bpd``             ``ode_bpd.json``: test bits/dim under the
+                                         probability-flow ODE (score SDE App. D),
+                                         uniformly dequantised, with the bound's
+                                         bits/dim beside it
+``nfe_curve``    ``nfe_curve``           ``nfe_curve.csv`` / ``.png``: sample
+                                         quality against model calls for DDIM,
+                                         DPM-Solver++, respaced ancestral, ODE
+===============  ======================  =====================================
 
-Sample sets for ``fid`` and ``classifier`` come from :mod:`diffusion_jax.samples`.
+Sample sets for ``fid`` and ``classifier`` come from :mod:`diffusion_jax.evaluation.samples`.
 """
 
 from __future__ import annotations
@@ -46,18 +47,18 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from diffusion_jax import bits_per_dim
-from diffusion_jax import classifier_metrics
 from diffusion_jax import data as data_lib
-from diffusion_jax import eval_runtime as rt
-from diffusion_jax import figures
-from diffusion_jax import fid
-from diffusion_jax import guidance_sweep
-from diffusion_jax import nfe_curve
-from diffusion_jax import rate_distortion
-from diffusion_jax import samples
-from diffusion_jax import sde
-from diffusion_jax.samples import sample  # noqa: F401  (--mode sample, called by main.py)
+from diffusion_jax.evaluation import bits_per_dim
+from diffusion_jax.evaluation import classifier_metrics
+from diffusion_jax.evaluation import fid
+from diffusion_jax.evaluation import figures
+from diffusion_jax.evaluation import guidance_sweep
+from diffusion_jax.evaluation import nfe_curve
+from diffusion_jax.evaluation import ode_bpd
+from diffusion_jax.evaluation import rate_distortion
+from diffusion_jax.evaluation import runtime as rt
+from diffusion_jax.evaluation import samples
+from diffusion_jax.evaluation.samples import sample  # noqa: F401  (--mode sample, called by main.py)
 from diffusion_jax.schedule import Schedule
 
 PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance', 'ode_bpd', 'nfe_curve')
@@ -235,9 +236,9 @@ def _part_ode_bpd(ctx: _Context) -> dict:
   num = None if num < 0 else num
   images = data_lib.load_uint8(cfg, cfg.data.eval_split, num=num)
   start = time.perf_counter()
-  out = sde.ode_bpd_eval(cfg, ctx.schedule, ctx.apply_fn, ctx.params, images,
-                         jax.random.fold_in(ctx.rng, RNG_ODE_BPD), mesh=ctx.mesh,
-                         labels=bits_per_dim.eval_labels(cfg, num))
+  out = ode_bpd.ode_bpd_eval(cfg, ctx.schedule, ctx.apply_fn, ctx.params, images,
+                                 jax.random.fold_in(ctx.rng, RNG_ODE_BPD), mesh=ctx.mesh,
+                                 labels=bits_per_dim.eval_labels(cfg, num))
   bpd, n = out['bpd'], int(out['bpd'].size)
   summary = dict(
       bpd=float(np.mean(bpd)),

@@ -5,7 +5,7 @@ embedded digits default cannot download. Instead the project trains this
 small classifier on part of the digits training split (seconds on a CPU),
 caches it in the workdir, and reports Fréchet distances and KID in its
 penultimate-layer feature space, against digits it never saw
-(:mod:`diffusion_jax.classifier_metrics` says which) — the same construction
+(:mod:`diffusion_jax.evaluation.classifier_metrics` says which) — the same construction
 as FID with a domain-specific network (cf. the LeNet-feature "FID" for MNIST
 used in pytorch-fid's ``lenet.py`` / KID code). The number is comparable
 between runs that use the same cached classifier, not with Inception FIDs.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import metrics
+from diffusion_jax.evaluation import metrics
 
 CACHE_NAME = 'digits_classifier.msgpack'
 

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax import eval_runtime as rt
 from diffusion_jax import guidance
 from diffusion_jax import images as image_lib
 from diffusion_jax import sampling
+from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.schedule import Schedule
 
 # Figs. 7 and 9 of DDPM use these steps of T = 1000 (rescaled to other T).

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
-from diffusion_jax import eval_runtime as rt
+from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.schedule import Schedule
 
 

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from diffusion_jax import eval_runtime as rt
 from diffusion_jax import guidance
 from diffusion_jax import images as image_lib
 from diffusion_jax import sampling
+from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.schedule import Schedule
 
 # Distinct streams of randomness, folded into PRNGKey(config.seed).

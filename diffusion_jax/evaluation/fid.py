@@ -3,7 +3,7 @@
 The DDPM paper reports FID 3.17 and IS 9.46 on CIFAR-10 (Table 1), from 50,000
 samples against the training set's Inception pool3 statistics. Nothing is
 downloaded: the Inception weights are a local file (``eval.inception_path``,
-see :mod:`diffusion_jax.inception`), and without it the part is skipped
+see :mod:`diffusion_jax.evaluation.inception`), and without it the part is skipped
 with a message naming the key.
 """
 
@@ -17,9 +17,9 @@ from etils import epath
 import numpy as np
 
 from diffusion_jax import data as data_lib
-from diffusion_jax import eval_runtime as rt
-from diffusion_jax import kernel_distance
-from diffusion_jax import metrics
+from diffusion_jax.evaluation import kernel_distance
+from diffusion_jax.evaluation import metrics
+from diffusion_jax.evaluation import runtime as rt
 
 KID_REFERENCE_SIZE = 10_000   # reference features kept for KID
 
@@ -107,18 +107,18 @@ def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
   key to set is printed and returned (``{'skipped': message}``); a path that
   does not exist raises FileNotFoundError.
   """
-  from diffusion_jax import inception  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import inception, inception_weights  # pylint: disable=g-import-not-at-top
   ev = config.eval
   if not ev.inception_path:
     msg = ('FID / Inception Score skipped: eval.inception_path is not set. Set it to a local '
            'weights file to compute them (--config.eval.inception_path=PATH, or '
            '--default_config.eval.inception_path=PATH without --config; a .npz of '
-           "pytorch-fid's weights or a .msgpack from inception.save_inception_params); "
+           "pytorch-fid's weights or a .msgpack from inception_weights.save_inception_params); "
            'nothing is downloaded. '
-           f'See diffusion_jax/inception.py for how to make the file from {inception.FID_WEIGHTS_NAME}.')
+           f'See diffusion_jax/evaluation/inception_weights.py for how to make the file from {inception_weights.FID_WEIGHTS_NAME}.')
     rt.say(f'  {msg}')
     return {'skipped': msg}
-  variables = inception.load_inception_params(ev.inception_path)
+  variables = inception_weights.load_inception_params(ev.inception_path)
   fn = inception.make_inception_fn(variables)   # uint8 [0, 255] in, resized to 299
   # One batch shape for references and samples (small sample sets: their size).
   bs = int(min(ev.batch_size, max([len(x) for x in sample_sets.values()] or [ev.batch_size])))

@@ -3,7 +3,7 @@
 FID needs Inception weights and 299x299 inputs; for the offline 8x8 digits the
 same Fréchet distance (Heusel et al. 2017) and the Kernel Inception Distance
 (Bińkowski et al. 2018) are taken in the penultimate layer of a small digit
-classifier (:mod:`diffusion_jax.classifier`), cached in ``workdir/eval``.
+classifier (:mod:`diffusion_jax.evaluation.classifier`), cached in ``workdir/eval``.
 
 **Who sees which digits.** A feature network clusters the images it was
 trained on more tightly than any others, so a classifier trained on the
@@ -55,9 +55,9 @@ from typing import Optional
 import numpy as np
 
 from diffusion_jax import data as data_lib
-from diffusion_jax import eval_runtime as rt
-from diffusion_jax import kernel_distance
-from diffusion_jax import metrics
+from diffusion_jax.evaluation import kernel_distance
+from diffusion_jax.evaluation import metrics
+from diffusion_jax.evaluation import runtime as rt
 
 REFERENCE_SEED = 0   # the fixed halving of the training digits (reference | real)
 
@@ -107,7 +107,7 @@ def load_digit_classifier(config, workdir: str):
   :func:`classifier.classifier_logits`; trains and caches it in
   ``workdir/eval`` on first use (seconds on a CPU).
   """
-  from diffusion_jax import classifier  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
   return classifier.load_or_train_classifier(workdir, config, *_split_digits(config)['fit'])
 
 
@@ -160,7 +160,7 @@ def classifier_metrics(config, workdir: str, sample_sets: dict,
   histogram. ``sample_labels`` (a class-conditional model's asked-for labels
   per set) adds :func:`asked_for_accuracy`.
   """
-  from diffusion_jax import classifier  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
   parts = _split_digits(config)
   params = classifier.load_or_train_classifier(workdir, config, *parts['fit'])
   features = lambda x: classifier.classifier_features(params, x)  # noqa: E731

@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 
-from diffusion_jax import eval_runtime as rt
+from diffusion_jax.evaluation import runtime as rt
 
 
 def rate_distortion(vb, xstart_mse, prior_bpd) -> dict:

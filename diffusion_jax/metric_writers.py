@@ -1,4 +1,12 @@
-"""TensorBoard scalars written synchronously through ``etils.epath``, all-or-nothing per write.
+"""Training metrics off the device: fetched, checked finite, averaged, written as TensorBoard scalars.
+
+:func:`fetch` brings a call's stacked per-step metrics to the host,
+:func:`check_finite` is the non-finite guard, :func:`summarise` averages
+the steps since the last log line and :class:`MetricWriter` writes them.
+Not clu's ``metric_writers``: their TensorBoard writer is TensorFlow's
+``tf.summary``, and this project installs no TensorFlow.
+
+The scalars are written synchronously through ``etils.epath``, all-or-nothing per write.
 
 One ``events.out.tfevents.<time>.<host>`` file per run in the logdir (the
 format of tensorboardX / TensorFlow: length, masked CRC, ``Event`` proto,
@@ -21,6 +29,7 @@ import time
 
 from etils import epath
 import jax
+import numpy as np
 from tensorboardX.proto import event_pb2
 from tensorboardX.proto import summary_pb2
 from tensorboardX.record_writer import masked_crc32c
@@ -96,3 +105,27 @@ class MetricWriter:
 
   def close(self) -> None:
     """Nothing is buffered: every ``write`` is complete on return."""
+
+
+def check_finite(history: list, step: int):
+  """The non-finite guard: a FloatingPointError naming the first step whose loss or gradient was not finite."""
+  if any(m['finite'] < 1 for m in history):
+    bad = next(i for i, m in enumerate(history) if m['finite'] < 1)
+    raise FloatingPointError(
+        f'Non-finite loss or gradient at step {step - len(history) + bad + 1}; stopping. '
+        'The state was not updated by that step and nothing non-finite was saved. '
+        'Try a lower optim.lr, a smaller optim.grad_clip, or model.dtype=float32.')
+
+
+def summarise(history: list) -> dict:
+  """The mean of every metric over the steps since the last log line (``finite`` left out)."""
+  return {k: float(np.mean([m[k] for m in history])) for k in history[0] if k != 'finite'}
+
+
+def fetch(pending: list) -> list:
+  """Per-step metric dicts (device arrays, stacked over steps_per_call) -> list of floats."""
+  out = []
+  for m in jax.device_get(pending):
+    n = len(next(iter(m.values())))
+    out.extend({k: float(v[i]) for k, v in m.items()} for i in range(n))
+  return out

@@ -31,11 +31,11 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import eval_runtime as rt
-from diffusion_jax import guidance_sweep
 from diffusion_jax import images as image_lib
-from diffusion_jax import samples
 from diffusion_jax import sde
+from diffusion_jax.evaluation import guidance_sweep
+from diffusion_jax.evaluation import runtime as rt
+from diffusion_jax.evaluation import samples
 
 SAMPLERS = ('ddim', 'dpm_solver2', 'dpm_solver3', 'ancestral')
 COLUMNS = ('sampler', 'nfe', 'num_samples', 'wall_s', 'classifier_frechet_at_n',

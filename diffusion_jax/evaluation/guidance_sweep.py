@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 
-from diffusion_jax import classifier_metrics
-from diffusion_jax import eval_runtime as rt
-from diffusion_jax import fid
 from diffusion_jax import guidance
-from diffusion_jax import samples
+from diffusion_jax.evaluation import classifier_metrics
+from diffusion_jax.evaluation import fid
+from diffusion_jax.evaluation import runtime as rt
+from diffusion_jax.evaluation import samples
 
 # Columns of guidance.csv, in order (a metric that was not computed is empty).
 COLUMNS = ('guidance_scale', 'num_samples', 'asked_for_accuracy', 'classifier_frechet_at_n',
