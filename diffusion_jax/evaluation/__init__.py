@@ -1,6 +1,8 @@
 """What ``--mode sample`` and ``--mode eval`` do with a trained model: the paper's experiments and sample-quality metrics.
 
-Nothing in the library imports this package; it imports the library.
+It imports the library; of the library only the command-line entry points
+(``main``, ``editing_cli``, ``convert``) import it, for :mod:`.runtime`'s
+checkpoint restore and the ``--mode eval`` driver.
 
 * the driver: :mod:`.evaluate` (``--mode eval``, the parts named by
   ``eval.parts``) and :mod:`.samples` (``--mode sample`` and the sample sets
