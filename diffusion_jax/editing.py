@@ -60,8 +60,8 @@ _RNG_START, _RNG_WALK = 0x57A, 0x3A1C
 __all__ = [
     'MISSING', 'INPAINT_METHODS', 'EDIT_SAMPLERS', 'region_mask', 'random_mask',
     'mask_from_image', 'known_mask', 'repaint_walk', 'inpaint', 'segment_timesteps',
-    'segment_num_steps', 'edit_start_index', 'sdedit', 'make_inpaint_fn', 'make_sdedit_fn',
-    'conditioning_labels',
+    'segment_num_steps', 'edit_start_index', 'sdedit', 'inpaint_walk', 'make_inpaint_fn',
+    'make_sdedit_fn', 'conditioning_labels',
 ]
 
 
@@ -249,7 +249,7 @@ def inpaint(s: Schedule, model_fn: ModelFn, rng, x0, known, *, method: str = 're
       x_unknown, _ = sampling.p_sample(s, model_fn, x, t, step_key, mean_type=mean_type,
                                        var_type=var_type, clip_denoised=clip_denoised)
     else:
-      t_vec = jnp.full((x.shape[0],), t, jnp.int32)
+      t_vec = timesteps.batch_t(t, x)
       x_unknown, _ = sampling.ddim_step(
           s, model_fn(x, t_vec).astype(x.dtype), x, t_vec, abar[t], a, eta,
           jax.random.normal(step_key, x.shape, x.dtype), mean_type=mean_type,
@@ -437,6 +437,17 @@ def _jit_sharded(config, apply_fn, batch: int, devices, run: Callable, num_input
   return lambda params, rng, *inputs: jitted(params, rng, *inputs, labels)
 
 
+def inpaint_walk(config) -> tuple[int, int]:
+  """(steps, jump_length) of the RePaint walk a config asks for.
+
+  ``inpaint.num_steps`` (0: all T) capped at T, and ``inpaint.jump_length``
+  capped at those steps.
+  """
+  T = config.diffusion.num_timesteps
+  steps = min(int(config.inpaint.get('num_steps', 0) or 0) or T, T)
+  return steps, min(int(config.inpaint.jump_length), steps)
+
+
 def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
                     devices=None) -> Callable:
   """A jitted ``(params, rng, x0, known) -> x_0`` of :func:`inpaint` for a config.
@@ -452,13 +463,13 @@ def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
   guided towards :func:`conditioning_labels`.
   """
   ic, dc = config.inpaint, config.diffusion
-  steps = min(int(ic.get('num_steps', 0) or 0) or s.num_timesteps, s.num_timesteps)
+  steps, jump_length = inpaint_walk(config)
   eta = float(ic.get('eta', -1.0))
   eta = eta if eta >= 0 else None
 
   def run(model_fn, rng, x0, known):
     return inpaint(s, model_fn, rng, x0, known, method=ic.method, resample=int(ic.resample),
-                   jump_length=min(int(ic.jump_length), steps), num_steps=steps, eta=eta,
+                   jump_length=jump_length, num_steps=steps, eta=eta,
                    mean_type=dc.mean_type, var_type=dc.var_type,
                    clip_denoised=bool(dc.get('clip_denoised', True)))
 

@@ -160,11 +160,10 @@ def run_inpaint(config, workdir: str) -> dict:
       mask=read_mask_image(config) if ic.missing == 'mask' else None)
   chunk = _chunk_size(config, len(images))
   fn = editing.make_inpaint_fn(config, schedule, rt.apply_fn_for(model), batch_size=chunk)
-  T = config.diffusion.num_timesteps
-  steps = min(int(ic.get('num_steps', 0) or 0) or T, T)
+  steps, jump = editing.inpaint_walk(config)
   how = (f'{ic.method}, {steps} steps' + (
-      f', resample {ic.resample}, jump {min(ic.jump_length, steps)}' if ic.method == 'repaint'
-      else '') + (f', DDIM eta {ic.eta:g}' if ic.get('eta', -1.0) >= 0 else ''))
+      f', resample {ic.resample}, jump {jump}' if ic.method == 'repaint' else '')
+      + (f', DDIM eta {ic.eta:g}' if ic.get('eta', -1.0) >= 0 else ''))
   completions = run_in_chunks(fn, params, key, [images, known], chunk,
                               f'inpainting {ic.missing} ({how})')
   completions = np.where(known, originals, completions)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import numpy as np
-from tqdm import tqdm
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
@@ -42,18 +40,11 @@ def make_bpd_fn(config, schedule: Schedule, apply_fn: rt.ApplyFn, sharding=None)
   d = config.diffusion
 
   def fn(params, x0, rng, y=None):
-    model_fn = ((lambda x, t: apply_fn(params, x, t)) if y is None
-                else (lambda x, t: apply_fn(params, x, t, y)))
-    return diffusion.calc_bpd_loop(schedule, model_fn, x0, rng,
+    return diffusion.calc_bpd_loop(schedule, rt.model_fn_of(apply_fn, params, y), x0, rng,
                                    mean_type=d.mean_type, var_type=d.var_type,
                                    clip_denoised=bool(d.get('clip_denoised', True)))
 
-  if sharding is None:
-    return jax.jit(fn)
-  replicated = NamedSharding(sharding.mesh, P())
-  labels = (sharding,) if config.model.get('num_classes', 0) else ()
-  return jax.jit(fn, in_shardings=(replicated, sharding, replicated) + labels,
-                 out_shardings=sharding)
+  return rt.jit_per_batch(fn, sharding, labels=bool(config.model.get('num_classes', 0)))
 
 
 def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: np.ndarray, rng, *,
@@ -78,24 +69,15 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
   if (labels is None) != (not config.model.get('num_classes', 0)):
     raise ValueError('bpd_eval needs labels exactly for a class-conditional model '
                      f'(model.num_classes={config.model.get("num_classes", 0)}).')
-  bs = min(int(batch_size or config.eval.batch_size), n)
-  if mesh is not None:
-    bs = rt.round_up(bs, mesh.size)
+  bs = rt.eval_batch_size(config, n, batch_size, mesh)
   sharding = rt.batch_sharding(mesh, bs)
   fn = make_bpd_fn(config, schedule, apply_fn, sharding)
   T = schedule.num_timesteps
   sums = {k: np.zeros(T, np.float64) for k in ('vb', 'xstart_mse', 'mse')}
   per_ex = {k: [] for k in ('total_bpd', 'prior_bpd', 'decoder_bpd')}
-  n_batches = -(-n // bs)
-  for i in tqdm(range(n_batches), desc='bits/dim', unit='batch',
-                disable=not (progress and rt.is_main()), dynamic_ncols=True):
-    x = _pad_batch(images[i * bs:(i + 1) * bs], bs)
-    k = min(bs, n - i * bs)
-    args = (params, rt.put(x, sharding), jax.random.fold_in(rng, i))
-    if labels is not None:
-      args += (rt.put(_pad_batch(np.asarray(labels[i * bs:(i + 1) * bs], np.int32), bs),
-                      sharding),)
-    out = {key: rt.to_host(v)[:k].astype(np.float64) for key, v in fn(*args).items()}
+  for outputs, k in rt.over_batches(fn, params, images, rng, bs, sharding, labels=labels,
+                                    desc='bits/dim', progress=progress):
+    out = {key: rt.to_host(v)[:k].astype(np.float64) for key, v in outputs.items()}
     for key in sums:
       sums[key] += out[key].sum(axis=0)
     per_ex['total_bpd'].append(out['total_bpd'])
@@ -104,13 +86,6 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
   result = {k: np.concatenate(v) for k, v in per_ex.items()}
   result.update({k: v / n for k, v in sums.items()})
   return result
-
-
-def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
-  """``x`` padded to ``size`` rows by repeating its last row."""
-  if x.shape[0] == size:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
 
 
 def eval_labels(config, num: Optional[int] = None, split: Optional[str] = None):

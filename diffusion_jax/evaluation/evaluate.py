@@ -237,8 +237,8 @@ def _part_ode_bpd(ctx: _Context) -> dict:
   images = data_lib.load_uint8(cfg, cfg.data.eval_split, num=num)
   start = time.perf_counter()
   out = ode_bpd.ode_bpd_eval(cfg, ctx.schedule, ctx.apply_fn, ctx.params, images,
-                                 jax.random.fold_in(ctx.rng, RNG_ODE_BPD), mesh=ctx.mesh,
-                                 labels=bits_per_dim.eval_labels(cfg, num))
+                             jax.random.fold_in(ctx.rng, RNG_ODE_BPD), mesh=ctx.mesh,
+                             labels=bits_per_dim.eval_labels(cfg, num))
   bpd, n = out['bpd'], int(out['bpd'].size)
   summary = dict(
       bpd=float(np.mean(bpd)),

@@ -83,11 +83,8 @@ def inception_features(inception_fn, images: np.ndarray, batch_size: int):
   images = np.asarray(images)
   feats, logits = [], []
   for i in range(0, images.shape[0], batch_size):
-    x = images[i:i + batch_size]
-    k = x.shape[0]
-    if k < batch_size:
-      x = np.concatenate([x, np.repeat(x[-1:], batch_size - k, axis=0)], axis=0)
-    f, l = inception_fn(x)
+    k = min(batch_size, images.shape[0] - i)
+    f, l = inception_fn(rt.pad_batch(images[i:i + batch_size], batch_size))
     feats.append(np.asarray(f, np.float64)[:k])
     logits.append(np.asarray(l, np.float64)[:k])
   return np.concatenate(feats, 0), np.concatenate(logits, 0)

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import images as image_lib
+from diffusion_jax import sampling
 from diffusion_jax import sde
 from diffusion_jax.evaluation import guidance_sweep
 from diffusion_jax.evaluation import runtime as rt
@@ -78,7 +79,6 @@ def ode_samples(config, schedule, apply_fn, params, rng, num: int, rtol: float):
   Chunk ``i`` of ``sampling.batch_size`` draws x_T from ``fold_in(rng, i)``,
   as :func:`samples.generate_labeled_samples` does for the other samplers.
   """
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
   chunk = min(int(config.sampling.batch_size), num)
   shape = sampling.sample_shape(config, chunk)
   solve = jax.jit(lambda p, r: sde.probability_flow_sample(

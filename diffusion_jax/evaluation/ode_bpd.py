@@ -12,7 +12,6 @@ from typing import Optional
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
-from tqdm import tqdm
 
 from diffusion_jax import sde
 from diffusion_jax.evaluation import runtime as rt
@@ -42,38 +41,25 @@ def ode_bpd_eval(config, s: Schedule, apply_fn, params, images_uint8: np.ndarray
   if n == 0:
     raise ValueError('ode_bpd_eval needs at least one image.')
   sc, mean_type = config.sampling, config.diffusion.mean_type
-  bs = min(int(batch_size or config.eval.batch_size), n)
-  if mesh is not None:
-    bs = rt.round_up(bs, mesh.size)
+  bs = rt.eval_batch_size(config, n, batch_size, mesh)
   sharding = rt.batch_sharding(mesh, bs)
   dims = int(np.prod(images_uint8.shape[1:]))
 
   def fn(params, x, key, y=None):
-    model_fn = ((lambda xx, t: apply_fn(params, xx, t)) if y is None
-                else (lambda xx, t: apply_fn(params, xx, t, y)))
     deq_key, probe_key = jax.random.split(key)
     log_p, nfe = sde.ode_log_likelihood(
-        s, model_fn, sde.dequantize(deq_key, x), probe_key, rtol=float(sc.get('ode_rtol', 1e-5)),
-        atol=float(sc.get('ode_atol', 1e-5)), mean_type=mean_type,
-        exact_trace=bool(config.eval.get('ode_bpd_exact_trace', False)))
+        s, rt.model_fn_of(apply_fn, params, y), sde.dequantize(deq_key, x), probe_key,
+        rtol=float(sc.get('ode_rtol', 1e-5)), atol=float(sc.get('ode_atol', 1e-5)),
+        mean_type=mean_type, exact_trace=bool(config.eval.get('ode_bpd_exact_trace', False)))
     return sde.bpd_from_log_p(log_p, dims), nfe
 
-  if sharding is None:
-    jitted = jax.jit(fn)
-  else:
-    rep = NamedSharding(sharding.mesh, PartitionSpec())
-    extra = (sharding,) if labels is not None else ()
-    jitted = jax.jit(fn, in_shardings=(rep, sharding, rep) + extra,
-                     out_shardings=(sharding, rep))
-  pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - a.shape[0], axis=0)], axis=0)
+  replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
+  jitted = rt.jit_per_batch(fn, sharding, labels=labels is not None,
+                            out_shardings=(sharding, replicated))
   bpd, nfe = [], []
-  for i in tqdm(range(-(-n // bs)), desc='ODE bits/dim', unit='batch',
-                disable=not (progress and rt.is_main()), dynamic_ncols=True):
-    chunk = images_uint8[i * bs:(i + 1) * bs]
-    args = (params, rt.put(pad(chunk.astype(np.float32)), sharding), jax.random.fold_in(rng, i))
-    if labels is not None:
-      args += (rt.put(pad(np.asarray(labels[i * bs:(i + 1) * bs], np.int32)), sharding),)
-    b, k = jitted(*args)
-    bpd.append(rt.to_host(b).astype(np.float64)[:chunk.shape[0]])
-    nfe.append(int(k))
+  for (b, calls), k in rt.over_batches(jitted, params, images_uint8.astype(np.float32), rng, bs,
+                                       sharding, labels=labels, desc='ODE bits/dim',
+                                       progress=progress):
+    bpd.append(rt.to_host(b).astype(np.float64)[:k])
+    nfe.append(int(calls))
   return dict(bpd=np.concatenate(bpd), nfe=np.asarray(nfe, np.int64))

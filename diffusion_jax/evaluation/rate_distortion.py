@@ -8,8 +8,6 @@ distortion along Algorithms 3-4 (sending x_T, then x_{T-1}, ..., x_1);
 
 from __future__ import annotations
 
-import csv
-import io
 
 import numpy as np
 
@@ -62,19 +60,12 @@ def write_rate_distortion(rd: dict, eval_dir: str) -> tuple[str, str]:
   The PNG has the paper's three panels: distortion and rate against reverse
   process steps (T - t), and distortion against rate.
   """
-  csv_path = rt.join(eval_dir, 'rate_distortion.csv')
-  png_path = rt.join(eval_dir, 'rate_distortion.png')
-  if not rt.is_main():
+  rows = [dict(t=int(t), rate_bpd=r, distortion_rmse=d)
+          for t, r, d in zip(rd['t'], rd['rate_bpd'], rd['distortion_rmse'])]
+  csv_path, png_path, plt = rt.csv_and_pyplot(eval_dir, 'rate_distortion',
+                                              ('t', 'rate_bpd', 'distortion_rmse'), rows)
+  if plt is None:
     return csv_path, png_path
-  text = io.StringIO(newline='')
-  w = csv.writer(text)
-  w.writerow(['t', 'rate_bpd', 'distortion_rmse'])
-  for t, r, d in zip(rd['t'], rd['rate_bpd'], rd['distortion_rmse']):
-    w.writerow([int(t), f'{r:.8g}', f'{d:.8g}'])
-  rt.write_bytes(csv_path, text.getvalue().encode())
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   steps = rd['reverse_steps']
   axes[0].plot(steps, rd['distortion_rmse'])

@@ -4,6 +4,8 @@
   App. B reports every sample and metric with the EMA, decay 0.9999);
 * :func:`put` / :func:`batch_sharding` / :func:`to_host`: host batches to
   batch-sharded device arrays over ``train.make_mesh()`` and back;
+  :func:`jit_per_batch` and :func:`over_batches` run a per-image computation
+  over a whole image set in padded, sharded batches (bits/dim, ODE bits/dim);
 * :func:`write_json`, :func:`save_npz`, :func:`write_bytes`, :func:`load_npz`:
   files under the workdir, written by process 0 only and through
   ``etils.epath`` (so ``gs://`` workdirs work), atomically (temporary file,
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+from tqdm import tqdm
 
 from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
@@ -84,6 +87,57 @@ def put(x: np.ndarray, sharding):
 
 def round_up(n: int, k: int) -> int:
   return -(-n // k) * k
+
+
+def model_fn_of(apply_fn: ApplyFn, params, y=None):
+  """The ``model_fn(x_t, t)`` of ``apply_fn`` at ``params`` (with labels ``y`` for a conditional model)."""
+  if y is None:
+    return lambda x, t: apply_fn(params, x, t)
+  return lambda x, t: apply_fn(params, x, t, y)
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+  """``x`` padded to ``size`` rows by repeating its last row (one compiled shape per batch size)."""
+  if x.shape[0] == size:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
+
+
+def eval_batch_size(config, num: int, batch_size: Optional[int], mesh: Optional[Mesh]) -> int:
+  """``batch_size`` (default ``eval.batch_size``), at most ``num``, rounded up to the mesh's size."""
+  bs = min(int(batch_size or config.eval.batch_size), num)
+  return round_up(bs, mesh.size) if mesh is not None else bs
+
+
+def jit_per_batch(fn: Callable, sharding, *, labels: bool, out_shardings=None) -> Callable:
+  """``jax.jit`` of ``fn(params, x, key[, y])``: x (and y) batch-sharded, params and key replicated.
+
+  Unsharded (``sharding`` None) it is a plain ``jax.jit``.
+  """
+  if sharding is None:
+    return jax.jit(fn)
+  replicated = NamedSharding(sharding.mesh, P())
+  in_shardings = (replicated, sharding, replicated) + ((sharding,) if labels else ())
+  return jax.jit(fn, in_shardings=in_shardings,
+                 out_shardings=sharding if out_shardings is None else out_shardings)
+
+
+def over_batches(fn: Callable, params, images: np.ndarray, rng, batch_size: int, sharding, *,
+                 labels: Optional[np.ndarray] = None, desc: str, progress: bool = True):
+  """Yields ``(fn(params, x_i, fold_in(rng, i)[, y_i]), k_i)`` over batches of ``images``.
+
+  Batch i holds images ``[i * batch_size, (i + 1) * batch_size)``, the last one
+  padded by repeating its final image (:func:`pad_batch`; ``k_i`` of its rows
+  are real), placed with :func:`put`; ``labels`` (int32) are batched alike.
+  """
+  n = images.shape[0]
+  for i in tqdm(range(-(-n // batch_size)), desc=desc, unit='batch',
+                disable=not (progress and is_main()), dynamic_ncols=True):
+    rows = slice(i * batch_size, (i + 1) * batch_size)
+    args = (params, put(pad_batch(images[rows], batch_size), sharding), jax.random.fold_in(rng, i))
+    if labels is not None:
+      args += (put(pad_batch(np.asarray(labels[rows], np.int32), batch_size), sharding),)
+    yield fn(*args), min(batch_size, n - i * batch_size)
 
 
 def write_bytes(path, data: bytes) -> None:
