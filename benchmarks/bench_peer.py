@@ -116,7 +116,7 @@ class Ours:
     config.sampling.sampler = name
     config.sampling.num_steps = steps
     config.sampling.eta = 0.0
-    fn = sampling.make_sampler(config, self.schedule, self.model, batch_size=batch)
+    fn = settings.make_sampler(config, self.schedule, self.model, batch_size=batch)
     variables, rng = {'params': self.state.ema_params}, jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     compiled = fn.lower(variables, rng).compile()

@@ -244,7 +244,7 @@ def compile_report(config, topology: str, *, log=print) -> dict:
       per_device_batch=tr.batch_size // n if tr.batch_size % n == 0 else None,
       steps_per_call=tr.steps_per_call, image_shape=[config.data.image_size] * 2
       + [config.data.num_channels], dtype=config.model.dtype,
-      remat=bool(config.model.get('remat', False)), hbm_per_device_bytes=hbm,
+      remat=bool(config.model.remat), hbm_per_device_bytes=hbm,
       peak_bf16_flops_per_device=peak)
   try:
     lowered = lower_train_step(config, devices)

@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.inception_path = ml_collections.FieldReference(None, field_type=str)  # local .npz/.msgpack weights
   ev.fid_stats_path = ml_collections.FieldReference(None, field_type=str)  # reference mu/sigma .npz
   ev.classifier_steps = 2000      # digits classifier for the offline Frechet distance
+  ev.classifier_batch_size = 128  # its training batch
   ev.parts = 'bpd,rd,figures,fid,classifier'   # --mode eval parts (diffusion_jax/evaluation/evaluate.py)
   ev.sample_sets = 'ancestral,ddim50'  # samplers for FID / classifier metrics: ancestral, ddim<N>, pc<N>
   ev.num_fid_reference = -1       # train images for the reference FID statistics (-1: all)
@@ -139,10 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
   inpaint.jump_length = 5         # repaint: steps per jump back
   inpaint.num_steps = 50          # the walk on min(this, T) evenly spaced timesteps (0: all T)
   inpaint.eta = -1.0              # -1: the ancestral step (RePaint); >= 0: DDIM steps with this eta
+  inpaint.input = ''              # your own images: a folder of images or an .npz with 'images' (else the split)
   config.edit = edit = ml_collections.ConfigDict()
   edit.strength = 0.15            # SDEdit: t0 = strength * T, in (0, 1]
   edit.num_images = 100
   edit.split = 'test'
+  edit.input = ''                 # your own images: a folder of images or an .npz with 'images' (else the split)
   return config
 
 
@@ -284,8 +287,8 @@ def validate_config(config) -> None:
   _allowed('diffusion.var_type', d.var_type, diffusion.VAR_TYPES)
   _allowed('diffusion.loss_type', d.loss_type, diffusion.LOSS_TYPES)
   _allowed('diffusion.t_sampler', d.t_sampler, ('uniform', 'importance'))
-  _allowed('diffusion.loss_weighting', d.get('loss_weighting', 'none'), LOSS_WEIGHTINGS)
-  _positive('diffusion.min_snr_gamma', d.get('min_snr_gamma', 5.0))
+  _allowed('diffusion.loss_weighting', d.loss_weighting, LOSS_WEIGHTINGS)
+  _positive('diffusion.min_snr_gamma', d.min_snr_gamma)
   if d.t_sampler == 'importance' and d.loss_type != 'vlb':
     raise ValueError("diffusion.t_sampler='importance' is for diffusion.loss_type='vlb' only "
                      f'(got loss_type={d.loss_type!r}).')
@@ -293,7 +296,7 @@ def validate_config(config) -> None:
   _allowed('optim.optimizer', o.optimizer, ('adam', 'adamw'))
   _positive('optim.lr', o.lr)
   _positive('optim.warmup_steps', o.warmup_steps, allow_zero=True)
-  _allowed('optim.lr_decay', o.get('lr_decay', 'none'), LR_DECAYS)
+  _allowed('optim.lr_decay', o.lr_decay, LR_DECAYS)
   _positive('optim.grad_clip', o.grad_clip, allow_zero=True)
   if not 0.0 <= o.ema_decay < 1.0:
     raise ValueError(f'optim.ema_decay must be in [0, 1), got {o.ema_decay!r}.')
@@ -308,12 +311,12 @@ def validate_config(config) -> None:
   validate_conditioning(config)
   sp = config.sampling
   _allowed('sampling.sampler', sp.sampler, ('ancestral', 'ddim', 'pc', 'dpm_solver', 'ode'))
-  _allowed('sampling.solver_order', sp.get('solver_order', 2), (1, 2, 3))
-  if not 0 <= sp.get('ancestral_steps', 0) <= d.num_timesteps:
+  _allowed('sampling.solver_order', sp.solver_order, (1, 2, 3))
+  if not 0 <= sp.ancestral_steps <= d.num_timesteps:
     raise ValueError(f'sampling.ancestral_steps must be in [0, diffusion.num_timesteps='
                      f'{d.num_timesteps}] (0: all steps), got {sp.ancestral_steps}.')
-  _positive('sampling.ode_rtol', sp.get('ode_rtol', 1e-5))
-  _positive('sampling.ode_atol', sp.get('ode_atol', 1e-5))
+  _positive('sampling.ode_rtol', sp.ode_rtol)
+  _positive('sampling.ode_atol', sp.ode_atol)
   _allowed('sampling.skip_type', sp.skip_type, ('uniform', 'quadratic'))
   _positive('sampling.num_samples', sp.num_samples)
   if sp.sampler != 'ancestral' and not 1 <= sp.num_steps <= d.num_timesteps:
@@ -341,8 +344,8 @@ def validate_editing(config) -> None:
                        'known).')
     for key in ('num_images', 'resample', 'jump_length'):
       _positive(f'inpaint.{key}', ip[key])
-    _positive('inpaint.num_steps', ip.get('num_steps', 0), allow_zero=True)
-    eta = ip.get('eta', -1.0)
+    _positive('inpaint.num_steps', ip.num_steps, allow_zero=True)
+    eta = ip.eta
     if isinstance(eta, bool) or not (eta == -1 or eta >= 0):
       raise ValueError(f'inpaint.eta must be -1 (the ancestral step) or >= 0 (DDIM), got {eta!r}.')
   if 'edit' in config:
@@ -355,19 +358,43 @@ def validate_editing(config) -> None:
 def validate_conditioning(config) -> None:
   """Checks ``model.num_classes``, ``model.class_dropout``, ``sampling.class_label`` / ``guidance_scale``."""
   m, sp = config.model, config.sampling
-  k = m.get('num_classes', 0)
+  k = m.num_classes
   if isinstance(k, bool) or not isinstance(k, int) or k < 0:
     raise ValueError(f'model.num_classes must be an integer >= 0 (0: unconditional), got {k!r}.')
-  p = m.get('class_dropout', 0.0)
+  p = m.class_dropout
   if isinstance(p, bool) or not 0.0 <= p < 1.0:
     raise ValueError(f'model.class_dropout must be in [0, 1), got {p!r}.')
-  label = sp.get('class_label', -1)
+  label = sp.class_label
   if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < max(k, 1):
     allowed = f'-1 (uniform) or 0..{k - 1}' if k else '-1 (the model is unconditional)'
     raise ValueError(f'sampling.class_label={label!r} is not supported; allowed values: {allowed}.')
-  w = sp.get('guidance_scale', 0.0)
+  w = sp.guidance_scale
   if isinstance(w, bool) or not w >= 0:
     raise ValueError(f'sampling.guidance_scale must be >= 0, got {w!r}.')
   if w > 0 and not k:
     raise ValueError(f'sampling.guidance_scale={w} needs a class-conditional model '
                      '(model.num_classes > 0); use 0.')
+
+
+# --- TEMPORARY (replaced by the command-line config work) ---------------------------------
+FROZEN_KEYS = ()
+
+
+def complete(config):
+  base = base_config()
+  base.update(ml_collections.ConfigDict(dict(config)) if not isinstance(config, ml_collections.ConfigDict) else config)
+  return base
+
+
+def apply_overrides(config, overrides, *, trained: bool):
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    message = unknown_key_message(config, key)
+    if message:
+      raise ValueError(message)
+    node = config
+    *parents, last = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config

@@ -2,7 +2,7 @@
 
 Equation numbers refer to Ho et al. 2020, "Denoising Diffusion Probabilistic
 Models" (DDPM) unless marked "iDDPM" (Nichol & Dhariwal 2021, "Improved
-Denoising Diffusion Probabilistic Models"). Conventions (see DESIGN.md): images
+Denoising Diffusion Probabilistic Models"). Conventions (see docs/design.md): images
 in [-1, 1], NHWC; ``t`` is a zero-based int32 vector, index ``t`` being the
 paper's step ``t + 1``; likelihoods in bits per dimension.
 """

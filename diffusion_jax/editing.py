@@ -19,10 +19,8 @@ or class-conditionally) trained DDPM.
   strengths keep the input's content, strength 1 forgets it.
 
 Each is one ``jax.lax.scan`` (the RePaint walk, resampling and jumps included,
-is a static NumPy array of moves scanned over); :func:`make_inpaint_fn` and
-:func:`make_sdedit_fn` jit them with the batch axis sharded over
-``NamedSharding(Mesh(devices, ('data',)), P('data'))`` as
-:func:`sampling.make_sampler` does.
+is a static NumPy array of moves scanned over); :mod:`diffusion_jax.runner`
+jits them with the batch axis sharded, as it does the samplers.
 
 Masks (``known``): bool, True where a pixel is kept from the original, with
 the images' layout ``[B, H, W, C]`` (NHWC) or any shape that broadcasts to it
@@ -34,17 +32,14 @@ the paper's step t + 1), as everywhere in the project.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import config_lib
-from diffusion_jax import guidance
-from diffusion_jax import host
+from diffusion_jax import samplers
 from diffusion_jax import sampling
 from diffusion_jax import timesteps
 from diffusion_jax.diffusion import ModelFn
@@ -52,7 +47,7 @@ from diffusion_jax.schedule import Schedule
 
 MISSING = config_lib.INPAINT_MISSING   # inpaint.missing
 INPAINT_METHODS = config_lib.INPAINT_METHODS
-EDIT_SAMPLERS = ('ancestral', 'ddim', 'pc', 'dpm_solver')
+EDIT_SAMPLERS = samplers.SEGMENT_SAMPLERS
 
 # Streams of randomness folded into the caller's key.
 _RNG_START, _RNG_WALK = 0x57A, 0x3A1C
@@ -60,8 +55,7 @@ _RNG_START, _RNG_WALK = 0x57A, 0x3A1C
 __all__ = [
     'MISSING', 'INPAINT_METHODS', 'EDIT_SAMPLERS', 'region_mask', 'random_mask',
     'mask_from_image', 'known_mask', 'repaint_walk', 'inpaint', 'segment_timesteps',
-    'segment_num_steps', 'edit_start_index', 'sdedit', 'inpaint_walk', 'make_inpaint_fn',
-    'make_sdedit_fn', 'conditioning_labels',
+    'segment_num_steps', 'edit_start_index', 'sdedit',
 ]
 
 
@@ -320,7 +314,9 @@ def segment_timesteps(t0: int, num_steps: Optional[int] = None,
 
 def sdedit(s: Schedule, model_fn: ModelFn, rng, x0, *, strength: float,
            sampler: str = 'ancestral', num_steps: Optional[int] = None, mean_type: str = 'eps',
-           clip_denoised: bool = True, skip_type: str = 'uniform', **sampler_options):
+           clip_denoised: bool = True, skip_type: str = 'uniform', var_type: str = 'fixed_large',
+           eta: float = 0.0, order: int = 2, snr: float = 0.16, num_corrector_steps: int = 1,
+           spec: Optional[samplers.SamplerSpec] = None):
   """SDEdit (Meng et al. 2022, Algorithm 1): perturb ``x0`` to t0 = strength x T, then denoise.
 
   x_{t0} = sqrt(abar_{t0}) x0 + sqrt(1 - abar_{t0}) z (eq. 4 of DDPM; the
@@ -342,17 +338,28 @@ def sdedit(s: Schedule, model_fn: ModelFn, rng, x0, *, strength: float,
     strength: in (0, 1]; t0 = :func:`edit_start_index`.
     num_steps: model calls on [0, t0] for ddim / pc / dpm_solver (None: every
       timestep); the ancestral sampler visits every timestep.
-    sampler_options: further keyword arguments of the sampler's loop:
+    var_type, eta, order, snr, num_corrector_steps: the sampler's options:
       ``var_type`` (ancestral, pc), ``eta`` (ddim), ``order`` (dpm_solver),
       ``snr`` and ``num_corrector_steps`` (pc).
+    spec: instead of ``sampler`` and its options, a :class:`samplers.SamplerSpec`
+      of the table (its ``num_steps`` are the model calls on [0, t0]; 0: every
+      timestep).
 
   Returns:
     The edited images, ``x0``'s shape.
   """
-  _choice('sampling.sampler', sampler, EDIT_SAMPLERS)
+  if spec is None:
+    spec = samplers.SamplerSpec(
+        name=sampler, num_steps=0, mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip_denoised, eta=eta, skip_type=skip_type, order=order, snr=snr,
+        corrector_steps=num_corrector_steps, rtol=1e-5, atol=1e-5)
+    if num_steps is not None:
+      spec = spec.replace(num_steps=int(num_steps))
+  samplers.check_name(spec.name, 'sampling.sampler', samplers.SEGMENT_SAMPLERS)
   T = s.num_timesteps
   t0 = edit_start_index(T, strength)
-  tau = segment_timesteps(t0, None if sampler == 'ancestral' else num_steps, skip_type)
+  steps = None if spec.name == 'ancestral' or not spec.num_steps else spec.num_steps
+  tau = segment_timesteps(t0, steps, spec.skip_type)
   x0 = jnp.asarray(x0)
   z = jax.random.normal(jax.random.fold_in(rng, _RNG_START), x0.shape, x0.dtype)
   if t0 == T - 1 and float(strength) == 1.0:
@@ -361,138 +368,9 @@ def sdedit(s: Schedule, model_fn: ModelFn, rng, x0, *, strength: float,
     a = s.alphas_cumprod[t0]
     x_t0 = (jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * z).astype(x0.dtype)
   seg, wrap = sampling.respace_schedule(s, tau)
-  fn, n = wrap(model_fn), len(tau)
-  if n == 1 and 'var_type' in sampler_options:
-    # One step (t0 = 0) adds no noise, so the variance is unused; 'fixed_large' needs T >= 2.
-    sampler_options = dict(sampler_options, var_type='fixed_small')
-  common = dict(mean_type=mean_type, clip_denoised=clip_denoised, x_T=x_t0)
-  if sampler == 'ancestral':
-    return sampling.p_sample_loop(seg, fn, rng, x0.shape, **common, **sampler_options)
-  if sampler == 'ddim':
-    return sampling.ddim_sample_loop(seg, fn, rng, x0.shape, num_steps=n, skip_type='uniform',
-                                     **common, **sampler_options)
-  if sampler == 'pc':
-    return sampling.pc_sample_loop(seg, fn, rng, x0.shape, num_steps=n, **common,
-                                   **sampler_options)
-  solver = getattr(sampling, 'dpm_solver_sample_loop', None)
-  if solver is None:
-    raise ValueError("sampling.sampler='dpm_solver' is not available in this version; use "
-                     'ancestral, ddim or pc.')
-  return solver(seg, fn, rng, x0.shape, num_steps=n, skip_type='uniform', **common,
-                **sampler_options)
-
-
-# --- from a config: jitted and batch-sharded ------------------------------------------------
-
-
-def conditioning_labels(config, batch: int) -> Optional[np.ndarray]:
-  """int32 ``[batch]`` labels an edit is conditioned on; None for an unconditional model.
-
-  ``sampling.class_label = k >= 0``: all k ("complete this as a 7", guided
-  with ``sampling.guidance_scale``); -1: the "no label" token (the
-  unconditional model the conditional one also learned), since an edit
-  should keep the input's own content rather than push it to a random class.
-  """
-  k = guidance.num_classes(config)
-  if not k:
-    return None
-  label = int(config.sampling.get('class_label', -1))
-  return np.full((batch,), label if label >= 0 else k, np.int32)
-
-
-def _sampler_options(config) -> dict:
-  sc, dc = config.sampling, config.diffusion
-  return {
-      'ancestral': dict(var_type=dc.var_type),
-      'ddim': dict(eta=sc.get('eta', 0.0)),
-      'pc': dict(var_type=dc.var_type, snr=sc.get('pc_snr', 0.16),
-                 num_corrector_steps=sc.get('pc_corrector_steps', 1)),
-      'dpm_solver': dict(order=int(sc.get('solver_order', 2))),
-  }.get(sc.sampler, {})
-
-
-def _jit_sharded(config, apply_fn, batch: int, devices, run: Callable, num_inputs: int):
-  """jit ``run(model_fn, rng, *inputs)`` as ``(params, rng, *inputs, y)``, inputs and y batch-sharded."""
-  conditional = guidance.num_classes(config) > 0
-  if isinstance(apply_fn, nn.Module):
-    module = apply_fn
-    apply_fn = lambda params, x, t, y=None: module.apply(params, x, t, y=y, train=False)
-
-  def fn(params, rng, *args):
-    *inputs, y = args
-    model_fn = guidance.model_fn_from_config(config, apply_fn, params, y)
-    return run(model_fn, rng, *inputs)
-
-  devices = list(jax.devices() if devices is None else devices)
-  options = host.cpu_compiler_options(devices)
-  if batch % len(devices):
-    jitted = jax.jit(fn, compiler_options=options)
-  else:
-    mesh = Mesh(np.asarray(devices), ('data',))
-    data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    y_sharding = data if conditional else replicated
-    jitted = jax.jit(fn, in_shardings=(replicated, replicated) + (data,) * num_inputs
-                     + (y_sharding,), out_shardings=data, compiler_options=options)
-  labels = conditioning_labels(config, batch)
-  return lambda params, rng, *inputs: jitted(params, rng, *inputs, labels)
-
-
-def inpaint_walk(config) -> tuple[int, int]:
-  """(steps, jump_length) of the RePaint walk a config asks for.
-
-  ``inpaint.num_steps`` (0: all T) capped at T, and ``inpaint.jump_length``
-  capped at those steps.
-  """
-  T = config.diffusion.num_timesteps
-  steps = min(int(config.inpaint.get('num_steps', 0) or 0) or T, T)
-  return steps, min(int(config.inpaint.jump_length), steps)
-
-
-def make_inpaint_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
-                    devices=None) -> Callable:
-  """A jitted ``(params, rng, x0, known) -> x_0`` of :func:`inpaint` for a config.
-
-  Uses ``inpaint.method``, ``inpaint.resample``, ``inpaint.jump_length``,
-  ``inpaint.num_steps`` (0: all T; at most T), ``inpaint.jump_length`` (at
-  most the walk's steps), ``inpaint.eta`` (-1: the ancestral step of
-  Algorithm 1; >= 0: DDIM steps with that eta) and ``diffusion.mean_type`` /
-  ``var_type`` / ``clip_denoised``; ``apply_fn`` as in :func:`sampling.make_sampler`
-  (``(params, x, t)``, ``(params, x, t, y)`` for a class-conditional config,
-  or a Flax module). x0 and known (``[batch, H, W, C]``) are sharded on the
-  batch axis over ``devices`` when it divides evenly. A conditional config is
-  guided towards :func:`conditioning_labels`.
-  """
-  ic, dc = config.inpaint, config.diffusion
-  steps, jump_length = inpaint_walk(config)
-  eta = float(ic.get('eta', -1.0))
-  eta = eta if eta >= 0 else None
-
-  def run(model_fn, rng, x0, known):
-    return inpaint(s, model_fn, rng, x0, known, method=ic.method, resample=int(ic.resample),
-                   jump_length=jump_length, num_steps=steps, eta=eta,
-                   mean_type=dc.mean_type, var_type=dc.var_type,
-                   clip_denoised=bool(dc.get('clip_denoised', True)))
-
-  return _jit_sharded(config, apply_fn, int(batch_size), devices, run, 2)
-
-
-def make_sdedit_fn(config, s: Schedule, apply_fn: Any, *, batch_size: int,
-                   devices=None) -> Callable:
-  """A jitted ``(params, rng, x0) -> edited`` of :func:`sdedit` for a config.
-
-  ``edit.strength``; ``sampling.sampler`` with its options, and
-  ``sampling.num_steps`` scaled to the segment [0, t0]
-  (:func:`segment_num_steps`); sharding and labels as :func:`make_inpaint_fn`.
-  """
-  sc, dc = config.sampling, config.diffusion
-  strength = float(config.edit.strength)
-  t0 = edit_start_index(s.num_timesteps, strength)
-  steps = None if sc.sampler == 'ancestral' else segment_num_steps(
-      int(sc.num_steps), s.num_timesteps, t0)
-
-  def run(model_fn, rng, x0):
-    return sdedit(s, model_fn, rng, x0, strength=strength, sampler=sc.sampler, num_steps=steps,
-                  mean_type=dc.mean_type, clip_denoised=bool(dc.get('clip_denoised', True)),
-                  skip_type=sc.get('skip_type', 'uniform'), **_sampler_options(config))
-
-  return _jit_sharded(config, apply_fn, int(batch_size), devices, run, 1)
+  n = len(tau)
+  # The sampler runs every step of the respaced segment; one step (t0 = 0) adds no
+  # noise, so its variance is unused ('fixed_large' needs T >= 2).
+  spec = spec.replace(num_steps=n, skip_type='uniform',
+                      var_type='fixed_small' if n == 1 else spec.var_type)
+  return samplers.run(spec, seg, wrap(model_fn), rng, x0.shape, x_T=x_t0)[0]

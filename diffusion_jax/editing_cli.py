@@ -11,31 +11,32 @@
   (``images``, ``originals``, ``labels``) and a PNG grid (originals above
   their edits).
 
-Both use the EMA parameters of the latest checkpoint
-(:func:`evaluation.runtime.restore_for_eval`), chunks of ``sampling.batch_size``
-images (rounded up to a multiple of the device count, the last chunk padded
-so that one shape compiles) sharded on the batch axis, and chunk i's key
-``fold_in(key, i)``. :func:`check_inpaint` / :func:`check_edit` are the checks
+``inpaint.input`` / ``edit.input`` take your own images instead of a split: a
+folder of images or an ``.npz`` file with ``images`` (:func:`images.read_images`).
+Both modes run :class:`diffusion_jax.Pipeline`'s own functions
+(:meth:`Pipeline.inpaint_float`, :meth:`Pipeline.edit_float`) on the EMA
+parameters of the newest checkpoint: chunks of ``sampling.batch_size`` images
+(rounded up to a multiple of the device count, the last chunk padded so that
+one shape compiles) sharded on the batch axis, chunk i's key ``fold_in(key, i)``. :func:`check_inpaint` / :func:`check_edit` are the checks
 ``main.preflight`` runs before anything is written.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 from etils import epath
 import jax
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import editing
 from diffusion_jax import images as image_lib
+from diffusion_jax import pipeline
+from diffusion_jax import settings
 from diffusion_jax.evaluation import runtime as rt
 
-# Streams of randomness, folded into PRNGKey(config.seed).
-RNG_INPAINT, RNG_EDIT, RNG_MASK = 0x1E9A, 0xED17, 0x3A5C
+# The mask stream, folded into the inpainting key (pipeline.RNG_INPAINT of PRNGKey(config.seed)).
+RNG_MASK = 0x3A5C
 GRID_COLUMNS, GRID_IMAGES = 10, 30   # the PNG grids show the first 30 images, 10 per row
 MASKED_GREY = 128
 
@@ -65,26 +66,48 @@ def _check_split(config, split: str, field: str):
     raise ValueError(f'{field}={split!r}: {e}') from e
 
 
+def _check_input(config, section: str):
+  """Your own images (``<section>.input``) if given, else the split's source must exist."""
+  sec = config[section]
+  if sec.input:
+    read_input(config, section)
+  else:
+    _check_split(config, sec.split, f'{section}.split')
+
+
 def check_inpaint(config) -> None:
-  """``--mode inpaint``'s input: the split exists, the mask image has the images' size."""
-  _check_split(config, config.inpaint.split, 'inpaint.split')
+  """``--mode inpaint``'s input: the images exist, the mask image has the images' size."""
+  _check_input(config, 'inpaint')
   if config.inpaint.missing == 'mask':
     read_mask_image(config)
 
 
 def check_edit(config) -> None:
-  """``--mode edit``'s input: the split exists and the sampler can start mid-chain."""
+  """``--mode edit``'s input: the images exist and the sampler can start mid-chain."""
   if config.sampling.sampler not in editing.EDIT_SAMPLERS:
     raise ValueError(f'sampling.sampler={config.sampling.sampler!r} is not supported by '
                      f'--mode edit; allowed values: {", ".join(editing.EDIT_SAMPLERS)}.')
-  _check_split(config, config.edit.split, 'edit.split')
+  _check_input(config, 'edit')
+
+
+def read_input(config, section: str) -> np.ndarray:
+  """uint8 images of ``<section>.input`` (a folder of images or an .npz with ``images``)."""
+  d = config.data
+  return image_lib.read_images(config[section].input, d.image_size, d.num_channels,
+                               f'{section}.input')
 
 
 # --- inputs and outputs --------------------------------------------------------------------
 
 
-def load_originals(config, split: str, num: int):
-  """(float32 images in [-1, 1], uint8 images, int32 labels or None): the first ``num`` of a split."""
+def load_originals(config, split: str, num: int, section: str = ''):
+  """(float32 images in [-1, 1], uint8 images, int32 labels or None): the first ``num`` of a split.
+
+  With ``<section>.input`` set, your own images instead (all of them; no labels).
+  """
+  if section and config[section].input:
+    originals = read_input(config, section)
+    return originals.astype(np.float32) / 127.5 - 1.0, originals, None
   source = data_lib.get_source(config, split)
   n = min(int(num), len(source))
   if n < int(num):
@@ -96,28 +119,6 @@ def load_originals(config, split: str, num: int):
   except (KeyError, TypeError, IndexError, AttributeError):   # a data set without labels
     labels = None
   return images, originals, labels
-
-
-def run_in_chunks(fn: Callable, params, rng, arrays, chunk: int, desc: str) -> np.ndarray:
-  """``fn(params, fold_in(rng, i), *chunk_i)`` over chunks of the arrays, as uint8 images.
-
-  The last chunk is padded (its first image repeated) to ``chunk`` and truncated.
-  """
-  n = len(arrays[0])
-  out = []
-  for i in tqdm(range(-(-n // chunk)), desc=desc, unit='chunk', disable=not rt.is_main(),
-                dynamic_ncols=True):
-    part = [a[i * chunk:(i + 1) * chunk] for a in arrays]
-    pad = chunk - len(part[0])
-    if pad:
-      part = [np.concatenate([p, np.repeat(p[:1], pad, axis=0)]) for p in part]
-    x = fn(params, jax.random.fold_in(rng, i), *part)
-    out.append(image_lib.to_uint8(rt.to_host(x))[:chunk - pad])
-  return np.concatenate(out, axis=0)
-
-
-def _chunk_size(config, num: int) -> int:
-  return rt.round_up(min(int(config.sampling.batch_size), num), jax.device_count())
 
 
 def comparison_grid(rows_of_images, *, columns: int = GRID_COLUMNS,
@@ -149,23 +150,21 @@ def run_inpaint(config, workdir: str) -> dict:
   Known pixels of ``images`` equal ``originals`` exactly (pasted after the
   chain, in uint8). Returns the paths (``npz``, ``png``) and the checkpoint ``step``.
   """
-  ic = config.inpaint
+  ic = settings.inpaint_settings(config)
   workdir = rt.workdir_path(workdir)
-  model, schedule, _, step, params = rt.restore_for_eval(config, workdir)
-  images, originals, labels = load_originals(config, ic.split, ic.num_images)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_INPAINT)
+  pipe = pipeline.Pipeline.from_workdir(workdir, config)
+  step = pipe.step
+  images, originals, labels = load_originals(config, ic.split, ic.num_images, 'inpaint')
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), pipeline.RNG_INPAINT)
   known = editing.known_mask(
       ic.missing, images.shape, rng=jax.random.fold_in(key, RNG_MASK),
-      fraction=float(ic.random_fraction),
+      fraction=ic.random_fraction,
       mask=read_mask_image(config) if ic.missing == 'mask' else None)
-  chunk = _chunk_size(config, len(images))
-  fn = editing.make_inpaint_fn(config, schedule, rt.apply_fn_for(model), batch_size=chunk)
-  steps, jump = editing.inpaint_walk(config)
-  how = (f'{ic.method}, {steps} steps' + (
-      f', resample {ic.resample}, jump {jump}' if ic.method == 'repaint' else '')
-      + (f', DDIM eta {ic.eta:g}' if ic.get('eta', -1.0) >= 0 else ''))
-  completions = run_in_chunks(fn, params, key, [images, known], chunk,
-                              f'inpainting {ic.missing} ({how})')
+  how = (f'{ic.method}, {ic.num_steps} steps' + (
+      f', resample {ic.resample}, jump {ic.jump_length}' if ic.method == 'repaint' else '')
+      + (f', DDIM eta {ic.eta:g}' if ic.eta is not None else ''))
+  completions = pipe.inpaint_float(config, images, known, seed=config.seed,
+                                   desc=f'inpainting {ic.missing} ({how})')
   completions = np.where(known, originals, completions)
   npz = rt.join(workdir, 'samples', f'inpaint_{ic.missing}.npz')
   png = rt.join(workdir, 'samples', f'inpaint_{ic.missing}.png')
@@ -175,7 +174,7 @@ def run_inpaint(config, workdir: str) -> dict:
     masked = np.where(known, originals, np.uint8(MASKED_GREY))
     image_lib.save_grid(comparison_grid([masked, completions, originals]), png,
                         nrow=GRID_COLUMNS)
-  rt.say(f'Inpainted {len(completions)} images of {ic.split!r} ({ic.missing} missing; {how}) '
+  rt.say(f'Inpainted {len(completions)} images of {ic.input or ic.split!r} ({ic.missing} missing; {how}) '
          f'with checkpoint step {step}:\n  {npz}\n  {png}')
   return dict(npz=npz, png=png, step=step)
 
@@ -185,19 +184,18 @@ def run_edit(config, workdir: str) -> dict:
 
   Returns the paths (``npz``, ``png``) and the checkpoint ``step``.
   """
-  ec, sc = config.edit, config.sampling
+  ec, sc = settings.edit_settings(config), config.sampling
   workdir = rt.workdir_path(workdir)
-  model, schedule, _, step, params = rt.restore_for_eval(config, workdir)
-  images, originals, labels = load_originals(config, ec.split, ec.num_images)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_EDIT)
-  chunk = _chunk_size(config, len(images))
-  fn = editing.make_sdedit_fn(config, schedule, rt.apply_fn_for(model), batch_size=chunk)
+  pipe = pipeline.Pipeline.from_workdir(workdir, config)
+  step = pipe.step
+  images, originals, labels = load_originals(config, ec.split, ec.num_images, 'edit')
   T = config.diffusion.num_timesteps
   t0 = editing.edit_start_index(T, float(ec.strength))
   steps = t0 + 1 if sc.sampler == 'ancestral' else editing.segment_num_steps(
       int(sc.num_steps), T, t0)
   how = f'strength {ec.strength:g}: t0 = {t0 + 1} of {T}, {sc.sampler} {steps} steps'
-  edited = run_in_chunks(fn, params, key, [images], chunk, f'editing ({how})')
+  edited = pipe.edit_float(config, images, strength=ec.strength, seed=config.seed,
+                           desc=f'editing ({how})')
   tag = strength_tag(ec.strength)
   npz = rt.join(workdir, 'samples', f'edit_s{tag}.npz')
   png = rt.join(workdir, 'samples', f'edit_s{tag}.png')
@@ -205,6 +203,6 @@ def run_edit(config, workdir: str) -> dict:
               **({} if labels is None else {'labels': labels}))
   if rt.is_main():
     image_lib.save_grid(comparison_grid([originals, edited]), png, nrow=GRID_COLUMNS)
-  rt.say(f'Edited {len(edited)} images of {ec.split!r} ({how}) with checkpoint step {step}:\n'
-         f'  {npz}\n  {png}')
+  rt.say(f'Edited {len(edited)} images of {ec.input or ec.split!r} ({how}) with checkpoint '
+         f'step {step}:\n  {npz}\n  {png}')
   return dict(npz=npz, png=png, step=step)

@@ -10,7 +10,7 @@ guidance scale ``w`` uses, at every step (the paper's eq. 6),
     eps~(x_t, y) = (1 + w) eps(x_t, y) - w eps(x_t, ∅),
 
 both halves from ONE batched model call (:func:`guided_model_fn`). The result
-is a plain ``model_fn(x_t, t)`` (DESIGN.md), so every sampler of
+is a plain ``model_fn(x_t, t)`` (docs/design.md), so every sampler of
 :mod:`diffusion_jax.sampling` and the figure chains guide without change.
 
 Guidance acts on the model's mean parameterisation (the first C channels):
@@ -21,20 +21,17 @@ variance (the last C channels) is taken from the conditional half, as in GLIDE.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The stream of the sampling labels, folded into a sampler's key.
 RNG_LABELS = 0x1AB
 
 CondModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (x_t, t, y) -> output
-
-
-def num_classes(config) -> int:
-  """``model.num_classes`` (0: unconditional)."""
-  return int(config.model.get('num_classes', 0) or 0)
 
 
 def drop_labels(rng, y, num_classes: int, p: float):
@@ -87,23 +84,47 @@ def sample_labels(rng, num: int, num_classes: int, class_label: int = -1):
   return jnp.full((num,), class_label, jnp.int32)
 
 
-def labels_from_config(config, rng, num: int):
-  """The labels a sampler uses for ``num`` samples and key ``rng`` (``sampling.class_label``).
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  """How a sampler conditions a model: ``num_classes`` (0: unconditional), the labels, the guidance.
 
-  Drawn from ``fold_in(rng, RNG_LABELS)``, a stream separate from the chain's.
+  ``class_label``: -1 draws labels uniformly, k >= 0 asks for class k;
+  ``guidance_scale``: w of eq. 6 (0: the conditional model itself).
   """
-  return sample_labels(jax.random.fold_in(rng, RNG_LABELS), num, num_classes(config),
-                       int(config.sampling.get('class_label', -1)))
+  num_classes: int = 0
+  class_label: int = -1
+  guidance_scale: float = 0.0
 
+  @property
+  def conditional(self) -> bool:
+    return self.num_classes > 0
 
-def model_fn_from_config(config, apply_fn, params, y):
-  """The ``model_fn(x_t, t)`` a sampler runs for a config: guided if conditional.
+  def labels(self, rng, num: int):
+    """The labels a sampler uses for ``num`` samples and key ``rng`` (None: unconditional).
 
-  ``apply_fn(params, x, t)``, or ``apply_fn(params, x, t, y)`` for a
-  class-conditional config, which is guided with ``sampling.guidance_scale``.
-  """
-  k = num_classes(config)
-  if not k:
-    return lambda x, t: apply_fn(params, x, t)
-  return guided_model_fn(lambda x, t, yy: apply_fn(params, x, t, yy), y, k,
-                         float(config.sampling.get('guidance_scale', 0.0)))
+    Drawn from ``fold_in(rng, RNG_LABELS)``, a stream separate from the chain's.
+    """
+    if not self.conditional:
+      return None
+    return sample_labels(jax.random.fold_in(rng, RNG_LABELS), num, self.num_classes,
+                         self.class_label)
+
+  def edit_labels(self, num: int):
+    """int32 ``[num]`` labels an edit is conditioned on (None: unconditional).
+
+    ``class_label = k >= 0``: all k ("complete this as a 7", guided with
+    ``guidance_scale``); -1: the "no label" token (the unconditional model the
+    conditional one also learned), since an edit should keep the input's own
+    content rather than push it to a random class.
+    """
+    if not self.conditional:
+      return None
+    label = self.class_label if self.class_label >= 0 else self.num_classes
+    return np.full((num,), label, np.int32)
+
+  def model_fn(self, apply_fn, params, y):
+    """The ``model_fn(x_t, t)`` a sampler runs: ``apply_fn(params, x, t[, y])``, guided if conditional."""
+    if not self.conditional:
+      return lambda x, t: apply_fn(params, x, t)
+    return guided_model_fn(lambda x, t, yy: apply_fn(params, x, t, yy), y, self.num_classes,
+                           self.guidance_scale)

@@ -68,8 +68,8 @@ def configure_cpu_devices(config) -> int | None:
   already initialised. Returns the count it set otherwise.
   """
   tr = config.training
-  requested = int(tr.get('cpu_devices', 0))
-  if (requested < 0 or user_set_cpu_devices() or tr.get('distributed', False)
+  requested = int(tr.cpu_devices)
+  if (requested < 0 or user_set_cpu_devices() or tr.distributed
       or os.environ.get('JAX_COORDINATOR_ADDRESS')):
     return None
   import jax  # pylint: disable=g-import-not-at-top

@@ -49,3 +49,43 @@ def save_grid(images, path, *, nrow: int | None = None, scale: int | None = None
   img.save(png, format='PNG')
   storage.write_file(path, png.getvalue())
   return path
+
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+
+
+def read_images(path, image_size: int, num_channels: int, field: str = 'input') -> np.ndarray:
+  """Your own images as uint8 ``[N, image_size, image_size, num_channels]``.
+
+  ``path`` is a folder of images (sorted by name; each converted to grey or RGB
+  and resized with bicubic resampling when its size differs) or an ``.npz``
+  file whose ``images`` are uint8 NHWC of that shape. ValueError / FileNotFoundError
+  name ``field`` and the problem.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  p = epath.Path(path)
+  shape = (image_size, image_size, num_channels)
+  if not p.exists():
+    raise FileNotFoundError(f'{field} {str(path)!r} does not exist; pass a folder of images or an '
+                            ".npz file with 'images'.")
+  if p.is_dir():
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+      raise ValueError(f'{field} {str(path)!r} holds no images ({", ".join(IMAGE_SUFFIXES)}).')
+    out = []
+    for f in files:
+      with f.open('rb') as fh, Image.open(fh) as pil:
+        pil = pil.convert('L' if num_channels == 1 else 'RGB')
+        if pil.size != (image_size, image_size):
+          pil = pil.resize((image_size, image_size), Image.BICUBIC)
+        out.append(np.asarray(pil, np.uint8).reshape(shape))
+    return np.stack(out)
+  try:
+    with p.open('rb') as fh:
+      images = np.load(io.BytesIO(fh.read()))['images']
+  except (KeyError, ValueError, OSError) as e:
+    raise ValueError(f"{field} {str(path)!r} is not an .npz file with 'images' ({e}).") from e
+  if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
+    raise ValueError(f"{field} {str(path)!r}: 'images' must be uint8 [N, {', '.join(map(str, shape))}]; "
+                     f'got {images.dtype} {list(images.shape)}.')
+  return images

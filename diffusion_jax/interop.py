@@ -142,7 +142,7 @@ def diffusers_unet_config(config: Any) -> dict:
   if ch_mult[0] != 1:
     raise ValueError(f'model.ch_mult={ch_mult} must start with 1 for diffusers '
                      '(its conv_in has block_out_channels[0] channels).')
-  if not model.get('resamp_with_conv', True):
+  if not model.resamp_with_conv:
     raise ValueError('model.resamp_with_conv must be True for diffusers '
                      "(downsample_type='conv', upsample_type='conv').")
   attn = {int(r) for r in model.attn_resolutions}
@@ -161,8 +161,8 @@ def diffusers_unet_config(config: Any) -> dict:
                              for a in has_attn),
       up_block_types=tuple('AttnUpBlock2D' if a else 'UpBlock2D'
                            for a in reversed(has_attn)),
-      norm_num_groups=int(model.get('num_groups', 32)),
-      dropout=float(model.get('dropout', 0.0)),
+      norm_num_groups=int(model.num_groups),
+      dropout=float(model.dropout),
   )
   return result
 

@@ -130,7 +130,9 @@ def preflight(config, mode: str, workdir) -> None:
   from diffusion_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax import models  # pylint: disable=g-import-not-at-top
   from diffusion_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import settings  # pylint: disable=g-import-not-at-top
   config_lib.validate_config(config)
+  settings.check(config, mode)   # eval.parts, sample sets, sampler options: before any restore
   data_lib.validate_data_config(config, num_devices=jax.device_count())
   models.create_model(config)
   if mode == 'train':

@@ -7,7 +7,7 @@ step ever recompiles. Noise for the step at (zero-based) timestep ``t`` is
 half of ``jax.random.split(rng)``, so the ancestral sampler, its progressive
 variant and full-length DDIM with ``eta=1`` see the same random numbers.
 
-Conventions (DESIGN.md): images in [-1, 1], NHWC; ``t`` is a zero-based int32
+Conventions (docs/design.md): images in [-1, 1], NHWC; ``t`` is a zero-based int32
 vector ``[B]``, index ``t`` being the paper's step ``t + 1``; a model is a plain
 ``model_fn(x_t, t) -> output`` (2C channels for ``var_type='learned_range'``).
 
@@ -21,19 +21,15 @@ DPM-Solver++ update in :mod:`diffusion_jax.dpm_solver`; their public names are
 re-exported here.
 """
 
-import functools
-from typing import Any, Callable, Optional
 
-import flax.linen as nn
+import functools
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion
-from diffusion_jax import guidance
-from diffusion_jax import host
-from diffusion_jax import sde
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.dpm_solver import dpm_solver_chain, dpm_solver_orders, dpm_solver_update
 from diffusion_jax.schedule import Schedule
@@ -46,8 +42,7 @@ __all__ = [
     'SAMPLERS', 'SKIP_TYPES', 'p_sample', 'p_sample_loop', 'p_sample_loop_progressive',
     'snapshot_steps', 'ddim_timesteps', 'ddim_step', 'ddim_sample_loop', 'dpm_solver_orders',
     'dpm_solver_update', 'dpm_solver_chain', 'dpm_solver_sample_loop', 'langevin_correct',
-    'pc_sample_loop', 'respace_schedule', 'uniform_timesteps', 'sample_from_config',
-    'sample_shape', 'make_sampler',
+    'pc_sample_loop', 'respace_schedule', 'uniform_timesteps',
 ]
 
 
@@ -296,115 +291,3 @@ def pc_sample_loop(s: Schedule, model_fn: ModelFn, rng, shape, *, num_steps: Opt
 
   x, _ = jax.lax.scan(body, x, _reverse_ts(s))
   return x
-
-
-# --- from a config; jitted and sharded -----------------------------------------------------
-
-
-def sample_from_config(config, s: Schedule, model_fn: ModelFn, rng, shape, *, x_T=None):
-  """Runs the sampler named by ``config.sampling.sampler`` (ancestral | ddim | pc | dpm_solver | ode).
-
-  Uses ``sampling.num_steps`` (ddim, pc, dpm_solver), ``sampling.ancestral_steps``
-  (ancestral: 0 = all T steps, n < T = the respaced chain of n steps),
-  ``sampling.solver_order`` (dpm_solver),
-  ``sampling.eta`` and ``sampling.skip_type`` (ddim), ``sampling.pc_snr`` and
-  ``sampling.pc_corrector_steps`` (pc), ``sampling.ode_rtol`` / ``ode_atol`` (ode:
-  :func:`sde.probability_flow_sample`, which prints its number of model calls), and ``diffusion.mean_type``,
-  ``diffusion.var_type``, ``diffusion.clip_denoised``. ``x_T`` as in the samplers.
-  """
-  sc, dc = config.sampling, config.diffusion
-  sampler = sc.sampler
-  common = dict(mean_type=dc.mean_type, clip_denoised=bool(dc.get('clip_denoised', True)),
-                x_T=x_T)
-  if sampler == 'ancestral':
-    n = int(sc.get('ancestral_steps', 0))
-    if 0 < n < s.num_timesteps:   # respaced (iDDPM §4): n steps, n model calls
-      s, wrap = respace_schedule(s, uniform_timesteps(s.num_timesteps, n))
-      model_fn = wrap(model_fn)
-    return p_sample_loop(s, model_fn, rng, shape, var_type=dc.var_type, **common)
-  if sampler == 'ddim':
-    return ddim_sample_loop(s, model_fn, rng, shape, num_steps=sc.num_steps,
-                            eta=sc.get('eta', 0.0), skip_type=sc.get('skip_type', 'uniform'),
-                            **common)
-  if sampler == 'dpm_solver':
-    return dpm_solver_sample_loop(s, model_fn, rng, shape, num_steps=sc.num_steps,
-                                  order=int(sc.get('solver_order', 2)),
-                                  skip_type=sc.get('skip_type', 'uniform'),
-                                  mean_type=dc.mean_type, clip_denoised=False, x_T=x_T)
-  if sampler == 'pc':
-    return pc_sample_loop(s, model_fn, rng, shape, num_steps=sc.num_steps,
-                          snr=sc.get('pc_snr', 0.16),
-                          num_corrector_steps=sc.get('pc_corrector_steps', 1),
-                          var_type=dc.var_type, **common)
-  if sampler == 'ode':   # the probability-flow ODE (diffusion_jax.sde); no clipping
-    x, nfe = sde.probability_flow_sample(s, model_fn, rng, shape, rtol=sc.get('ode_rtol', 1e-5),
-                                         atol=sc.get('ode_atol', 1e-5), mean_type=dc.mean_type,
-                                         x_T=x_T)
-    jax.debug.print('probability-flow ODE: {nfe} model calls', nfe=nfe)
-    return x
-  raise ValueError(f'sampling.sampler must be one of {", ".join(map(repr, SAMPLERS))}; '
-                   f'got {sampler!r}.')
-
-
-def sample_shape(config, batch_size: int):
-  """NHWC shape of a batch of samples for a config's ``data`` section."""
-  d = config.data
-  return (int(batch_size), d.image_size, d.image_size, d.num_channels)
-
-
-def make_sampler(config, s: Schedule, apply_fn: Any, *, batch_size: Optional[int] = None,
-                 devices=None) -> Callable:
-  """A ``jax.jit``-ed ``(params, rng, y=None) -> samples [batch, H, W, C]`` for a config.
-
-  ``apply_fn`` is ``(params, x_t, t) -> output`` (``(params, x_t, t, y)`` for a
-  class-conditional config) or a Flax module (then called as
-  ``module.apply(params, x_t, t, y=y, train=False)``). ``batch_size`` defaults to
-  ``config.sampling.batch_size``. When the batch divides evenly over ``devices``
-  (default ``jax.devices()``), x_T, the labels and every step of the chain are
-  sharded on the batch axis with ``NamedSharding(Mesh(devices, ('data',)), P('data'))``;
-  params and rng are replicated. The whole chain is a scan inside the jit, so the
-  function compiles once (per params structure) and never per step.
-
-  Class-conditional configs (``model.num_classes > 0``): ``y`` int32 ``[batch]``
-  (default :func:`guidance.labels_from_config` of ``rng``), guided with
-  ``sampling.guidance_scale`` (:func:`guidance.model_fn_from_config`).
-  """
-  conditional = guidance.num_classes(config) > 0
-  if isinstance(apply_fn, nn.Module):
-    module = apply_fn
-    if conditional:
-      apply_fn = lambda params, x, t, y: module.apply(params, x, t, y=y, train=False)
-    else:
-      apply_fn = lambda params, x, t: module.apply(params, x, t, train=False)
-  batch = int(batch_size if batch_size is not None else config.sampling.batch_size)
-  shape = sample_shape(config, batch)
-  devices = list(jax.devices() if devices is None else devices)
-
-  def run(params, rng, y, x_T=None):
-    model_fn = guidance.model_fn_from_config(config, apply_fn, params, y)
-    return sample_from_config(config, s, model_fn, rng, shape, x_T=x_T)
-
-  def with_labels(jitted):
-    """Unconditional: ``jitted(params, rng)``; conditional: ``y`` defaults to the config's labels."""
-    if not conditional:
-      return jitted
-    return lambda params, rng, y=None: jitted(
-        params, rng, guidance.labels_from_config(config, rng, batch) if y is None else y)
-
-  options = host.cpu_compiler_options(devices)   # CPU: less LLVM optimisation
-  if batch % len(devices):
-    return with_labels(jax.jit(lambda params, rng, y=None: run(params, rng, y),
-                               compiler_options=options))
-  mesh = Mesh(np.asarray(devices), ('data',))
-  data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-
-  def sharded_sample(params, rng, y=None):
-    x_T, _ = _init(rng, shape, None)   # the same x_T the sampler would draw
-    x_T = jax.lax.with_sharding_constraint(x_T, data)
-    return run(params, rng, y, x_T=x_T)
-
-  if not conditional:
-    return jax.jit(sharded_sample, in_shardings=(replicated, replicated), out_shardings=data,
-                   compiler_options=options)
-  return with_labels(jax.jit(sharded_sample, in_shardings=(replicated, replicated, data),
-                             out_shardings=data, compiler_options=options))

@@ -13,10 +13,9 @@ hosts (the host index enters only through the input pipeline's shard).
 import functools
 import json
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
-import flax.struct
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
@@ -36,80 +35,20 @@ from diffusion_jax import images as image_lib
 from diffusion_jax import metric_writers
 from diffusion_jax import models
 from diffusion_jax import preemption
-from diffusion_jax import sampling
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import storage
+from diffusion_jax import runner
+from diffusion_jax import settings
 from diffusion_jax import timestep_sampler
 from diffusion_jax import workdir as workdir_lib
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs. The schedule is not in it (it is a constant)."""
-  step: jnp.ndarray          # int32 scalar: number of optimiser steps taken
-  params: Any
-  ema_params: Any            # Polyak average of params (DDPM: decay 0.9999)
-  opt_state: Any
-  rng: jnp.ndarray           # raw uint32 PRNG key; per-step keys are fold_in(rng, step)
-  loss_history: Optional[timestep_sampler.LossHistory] = None  # importance sampling of t
-
-
-# --- set-up ------------------------------------------------------------------------
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all devices (of all hosts) with the batch axis ``data``."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ('data',))
-
-
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warm-up from 0 to ``optim.lr`` over ``optim.warmup_steps`` (DDPM App. B), then the decay.
-
-  ``optim.lr_decay``: ``none`` keeps ``optim.lr`` (the paper); ``cosine`` decays it
-  to 0 at ``training.num_train_steps`` (Loshchilov & Hutter 2017). On digits the
-  cosine decay did not make short runs as good as the constant rate's longer
-  ones (``benchmarks/RESULTS.md``, "The README job").
-  """
-  o = config.optim
-  decay = o.get('lr_decay', 'none')
-  if decay == 'cosine':
-    return optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, o.warmup_steps, max(config.training.num_train_steps, o.warmup_steps + 1))
-  if o.warmup_steps == 0:
-    return optax.constant_schedule(o.lr)
-  return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-
-
-def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam (DDPM: lr 2e-4, or 2e-5 at 256²) with global-norm gradient clipping at ``optim.grad_clip``."""
-  o = config.optim
-  lr = learning_rate_schedule(config)
-  if o.optimizer == 'adam':
-    opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-  else:
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
-
-
-def image_shape(config) -> tuple:
-  return (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-
-def create_train_state(config, model, optimizer, rng) -> TrainState:
-  """Initial parameters (the EMA starts equal to them), optimiser state and RNG."""
-  init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-  x = jnp.zeros((1,) + image_shape(config), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  params = model.init({'params': init_rng, 'dropout': dropout_rng}, x, t, train=False)['params']
-  history = None
-  if config.diffusion.t_sampler == 'importance':
-    history = timestep_sampler.init_history(config.diffusion.num_timesteps)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=optimizer.init(params), rng=state_rng, loss_history=history)
+from diffusion_jax.runner import make_mesh, to_host  # pylint: disable=unused-import (public names)
+from diffusion_jax.settings import image_shape  # pylint: disable=unused-import
+from diffusion_jax.train_state import (TrainState, create_optimizer, create_train_state,  # pylint: disable=unused-import
+                                       learning_rate_schedule)
 
 
 def model_fn_for(model, params, *, train: bool = False, dropout_rng=None, y=None):
-  """Closes a Flax module over its parameters (and labels ``y``): the ``model_fn(x_t, t)`` of DESIGN.md."""
+  """Closes a Flax module over its parameters (and labels ``y``): the ``model_fn(x_t, t)`` of docs/design.md."""
   rngs = {'dropout': dropout_rng} if train else None
   return lambda x_t, t: model.apply({'params': params}, x_t, t, y=y, train=train, rngs=rngs)
 
@@ -120,12 +59,12 @@ def training_labels(config, batch, rng):
   Dropout (``model.class_dropout``, Ho & Salimans 2022 Algorithm 1) is drawn from
   ``rng``, a key of the step, for the global batch like t and the noise.
   """
-  k = guidance.num_classes(config)
+  k = config.model.num_classes
   if not k:
     return None
   if 'label' not in batch:
     raise ValueError('model.num_classes > 0 but the batch has no labels.')
-  return guidance.drop_labels(rng, batch['label'], k, config.model.get('class_dropout', 0.0))
+  return guidance.drop_labels(rng, batch['label'], k, config.model.class_dropout)
 
 
 # --- the step -------------------------------------------------------------------------
@@ -139,7 +78,7 @@ def ema_decay(config, step):
   EMA without it being dominated by the initial weights.
   """
   decay = jnp.asarray(config.optim.ema_decay, jnp.float32)
-  if config.optim.get('ema_warmup', False):
+  if config.optim.ema_warmup:
     n = jnp.asarray(step, jnp.float32)
     decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
   return decay
@@ -204,7 +143,7 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   y = training_labels(config, batch, jax.random.fold_in(rng, guidance.RNG_LABELS))
 
   batch_size = x0.shape[0]
-  weighting = d.get('loss_weighting', 'none')   # 'none': L_simple, unweighted (eq. 14)
+  weighting = d.loss_weighting   # 'none': L_simple, unweighted (eq. 14)
   weighting = None if weighting == 'none' else weighting
 
   def loss_fn(params, x0, t, noise, weights, y):
@@ -212,7 +151,7 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
     terms = diffusion.training_losses(schedule, model_fn, x0, t, noise, mean_type=d.mean_type,
                                       var_type=d.var_type, loss_type=d.loss_type,
                                       hybrid_lambda=d.hybrid_lambda, weighting=weighting,
-                                      min_snr_gamma=d.get('min_snr_gamma', 5.0))
+                                      min_snr_gamma=d.min_snr_gamma)
     # The batch mean, as a sum over (this device's) examples / the global batch.
     return jnp.sum(terms['loss'] * weights) / batch_size, terms
 
@@ -287,8 +226,8 @@ def make_sample_fn(config, model, schedule, num_samples: int):
   A class-conditional model draws the labels of :func:`grid_labels` (one class
   per row of the grid).
   """
-  apply_fn = lambda variables, x, t, y=None: model.apply(variables, x, t, y=y, train=False)
-  sampler = sampling.make_sampler(config, schedule, apply_fn, batch_size=num_samples)
+  sampler = runner.make_sampler(settings.sampler_spec(config), settings.conditioning(config),
+                                schedule, model, (num_samples,) + settings.image_shape(config))
   y = grid_labels(config, num_samples)
   if y is None:
     return lambda params, rng: sampler({'params': params}, rng)
@@ -297,7 +236,7 @@ def make_sample_fn(config, model, schedule, num_samples: int):
 
 def grid_row_length(config, num: int) -> Optional[int]:
   """Images per row of a training-time sample grid: ``num // num_classes`` (None: square)."""
-  k = guidance.num_classes(config)
+  k = config.model.num_classes
   return max(1, num // k) if k else None
 
 
@@ -306,21 +245,13 @@ def grid_labels(config, num: int):
 
   None for an unconditional model.
   """
-  k = guidance.num_classes(config)
+  k = config.model.num_classes
   if not k:
     return None
-  label = int(config.sampling.get('class_label', -1))
+  label = int(config.sampling.class_label)
   if label >= 0:
     return np.full(num, label, np.int32)
   return (np.arange(num, dtype=np.int32) // grid_row_length(config, num)) % k
-
-
-def to_host(x) -> np.ndarray:
-  """A global array as one NumPy array on every host (gathers across hosts if needed)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def save_sample_grid(sample_fn, params, rng, path, nrow=None) -> Optional[str]:

@@ -60,3 +60,9 @@ def prepare(workdir, config_json: str) -> epath.Path:
 def _first_line(error: Exception) -> str:
   text = str(error).strip() or type(error).__name__
   return text.splitlines()[0]
+
+
+def read_config(workdir):  # TEMPORARY
+  import json
+  from diffusion_jax import config_lib
+  return config_lib.complete(json.loads((as_path(workdir) / CONFIG_FILE).read_text()))

@@ -264,7 +264,7 @@ def test_make_fns_shard_the_batch_over_devices():
   code = textwrap.dedent('''
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import PartitionSpec as P
-      from diffusion_jax import config_lib, editing
+      from diffusion_jax import config_lib, editing, runner, settings
       from diffusion_jax.schedule import make_schedule
       assert jax.device_count() == 2
       config = config_lib.base_config()
@@ -276,13 +276,15 @@ def test_make_fns_shard_the_batch_over_devices():
       params = {'w': jnp.float32(0.1)}
       x0 = np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 4, 4, 1)
       known = editing.known_mask('center', x0.shape)
-      f = editing.make_inpaint_fn(config, s, apply_fn, batch_size=4)
+      spec, cond = settings.sampler_spec(config), settings.conditioning(config)
+      f = runner.make_inpaint_fn(settings.inpaint_settings(config), spec, cond, s, apply_fn,
+                                 batch_size=4)
       x = f(params, jax.random.PRNGKey(0), x0, known)
       assert x.sharding.spec == P('data') and len(x.sharding.device_set) == 2, x.sharding
       ref = editing.inpaint(s, lambda x, t: 0.1 * x, jax.random.PRNGKey(0), x0, known,
                             resample=2, jump_length=3)
       np.testing.assert_allclose(np.asarray(x), np.asarray(ref), atol=1e-5)
-      g = editing.make_sdedit_fn(config, s, apply_fn, batch_size=4)
+      g = runner.make_sdedit_fn(0.5, spec, cond, s, apply_fn, batch_size=4)
       e = g(params, jax.random.PRNGKey(0), x0)
       assert e.sharding.spec == P('data'), e.sharding
       ref = editing.sdedit(s, lambda x, t: 0.1 * x, jax.random.PRNGKey(0), x0, strength=0.5)

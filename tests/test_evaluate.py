@@ -107,13 +107,6 @@ def test_sample_mode_cli_writes_uint8_npz_and_png(workdir):
   assert os.path.getsize(png) > 0
 
 
-def test_parse_parts():
-  assert evaluate.parse_parts('fid, bpd') == ['bpd', 'fid']
-  assert evaluate.parse_parts('') == []
-  with pytest.raises(ValueError, match='eval.parts'):
-    evaluate.parse_parts('bpd,nll')
-
-
 # --- --mode eval: files -----------------------------------------------------------------
 
 

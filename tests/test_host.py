@@ -57,7 +57,7 @@ def test_configure_cpu_in_a_fresh_process(requested, want):
 
 _SAMPLER_CHILD = """
 import jax, numpy as np
-from diffusion_jax import config_lib, host, models, sampling, schedule as schedule_lib
+from diffusion_jax import config_lib, host, models, settings, schedule as schedule_lib
 from diffusion_jax.evaluation import runtime as rt
 config = config_lib.digits_config()
 config.training.cpu_devices = 2
@@ -68,7 +68,7 @@ params = model.init(jax.random.PRNGKey(1), np.zeros((1, 8, 8, 1), np.float32),
                     np.zeros((1,), np.int32))['params']
 params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
 s = schedule_lib.schedule_from_config(config)
-out = [np.asarray(sampling.make_sampler(config, s, rt.apply_fn_for(model), batch_size=200,
+out = [np.asarray(settings.make_sampler(config, s, rt.apply_fn_for(model), batch_size=200,
                                         devices=devs)(params, jax.random.PRNGKey(0)))
        for devs in (jax.devices()[:2], jax.devices()[:1])]
 print(jax.device_count(), np.abs(out[0] - out[1]).max())

@@ -7,30 +7,23 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, models, sampling
+from diffusion_jax import config_lib, models, samplers, sampling, settings
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax.evaluation import nfe_curve
 
 
-def test_parse_numbers_names_the_field():
-  assert nfe_curve.parse_numbers('eval.nfe_calls', '5, 10,20') == [5, 10, 20]
-  assert nfe_curve.parse_numbers('eval.nfe_ode_rtols', '1e-3', float) == [1e-3]
-  for bad in ('', '5,x', '0,5', '-1'):
-    with pytest.raises(ValueError, match=r'eval\.nfe_calls=.*positive numbers'):
-      nfe_curve.parse_numbers('eval.nfe_calls', bad)
-
-
-def test_sampler_config_sets_the_budget():
+def test_nfe_spec_sets_the_budget():
   config = config_lib.digits_config()
-  ddim = nfe_curve.sampler_config(config, 'ddim', 10).sampling
-  assert (ddim.sampler, ddim.num_steps, ddim.eta) == ('ddim', 10, 0.0)
-  dpm = nfe_curve.sampler_config(config, 'dpm_solver3', 20).sampling
-  assert (dpm.sampler, dpm.num_steps, dpm.solver_order) == ('dpm_solver', 20, 3)
-  anc = nfe_curve.sampler_config(config, 'ancestral', 50).sampling
-  assert (anc.sampler, anc.ancestral_steps) == ('ancestral', 50)
-  assert config.sampling.ancestral_steps == 0 and config.sampling.solver_order == 2   # a copy
+  spec = settings.sampler_spec(config)
+  ddim = nfe_curve.nfe_spec(spec, 'ddim', 10)
+  assert (ddim.name, ddim.num_steps, ddim.eta) == ('ddim', 10, 0.0)
+  dpm = nfe_curve.nfe_spec(spec, 'dpm_solver3', 20)
+  assert (dpm.name, dpm.num_steps, dpm.order) == ('dpm_solver', 20, 3)
+  anc = nfe_curve.nfe_spec(spec, 'ancestral', 50)
+  assert (anc.name, anc.num_steps, anc.calls(1000)) == ('ancestral', 50, 50)
+  assert spec.order == 2 and spec.name == 'ddim'   # frozen: a copy
   with pytest.raises(ValueError, match='unknown sampler'):
-    nfe_curve.sampler_config(config, 'euler', 5)
+    nfe_curve.nfe_spec(spec, 'euler', 5)
 
 
 def test_respaced_ancestral_calls_the_model_n_times_at_the_grid():
@@ -44,8 +37,8 @@ def test_respaced_ancestral_calls_the_model_n_times_at_the_grid():
     jax.debug.callback(lambda t: seen.append(int(t[0])), t)
     return 0.0 * x
 
-  jax.block_until_ready(sampling.sample_from_config(config, s, model_fn, jax.random.PRNGKey(0),
-                                                    (2, 8, 8, 1)))
+  jax.block_until_ready(samplers.run(settings.sampler_spec(config), s, model_fn,
+                                     jax.random.PRNGKey(0), (2, 8, 8, 1)))
   assert seen == sorted(sampling.uniform_timesteps(1000, 5).tolist(), reverse=True)
 
 

@@ -1,16 +1,11 @@
-"""Tests for diffusion_jax.sampling: ancestral, progressive, DDIM, PC, config and jit."""
-
-import os
-import subprocess
-import sys
-import textwrap
+"""Tests for diffusion_jax.sampling: ancestral, progressive, DDIM, PC, DPM-Solver++ (the math)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, diffusion, host, sampling
+from diffusion_jax import diffusion, sampling
 from diffusion_jax.schedule import make_schedule
 
 SHAPE = (4, 4, 4, 1)
@@ -401,134 +396,3 @@ def test_dpm_solver_repeated_timesteps_are_no_ops():
       for o in (2, 3)])(jax.random.PRNGKey(0))
   for x in out:
     np.testing.assert_allclose(x, x0, atol=1e-4)
-
-
-# --- from a config --------------------------------------------------------------------------------
-
-
-def small_config(sampler):
-  config = config_lib.base_config()
-  config.diffusion.num_timesteps = 20
-  config.sampling.sampler = sampler
-  config.sampling.num_steps = 5
-  config.data.image_size = 4
-  config.data.num_channels = 1
-  config.sampling.batch_size = 4
-  return config
-
-
-def test_sample_from_config_dispatch(monkeypatch):
-  """Each sampler gets the config's arguments (recorded, not run: no compilation)."""
-  calls = {}
-  for fn in ('p_sample_loop', 'ddim_sample_loop', 'pc_sample_loop', 'dpm_solver_sample_loop'):
-    monkeypatch.setattr(sampling, fn, lambda *a, _fn=fn, **kw: calls.setdefault(_fn, (a, kw)))
-  s, rng = make_schedule('linear', 20), jax.random.PRNGKey(10)
-  config = small_config('ancestral')
-  config.diffusion.var_type = 'fixed_small'
-  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
-  assert calls['p_sample_loop'] == ((s, zero_model, rng, SHAPE), dict(
-      mean_type='eps', var_type='fixed_small', clip_denoised=True, x_T=None))
-  config = small_config('ddim')
-  config.sampling.eta = 0.5
-  config.sampling.skip_type = 'quadratic'
-  config.diffusion.mean_type = 'v'
-  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
-  assert calls['ddim_sample_loop'][1] == dict(num_steps=5, eta=0.5, skip_type='quadratic',
-                                              mean_type='v', clip_denoised=True, x_T=None)
-  config = small_config('pc')
-  config.sampling.pc_snr = 0.1
-  config.sampling.pc_corrector_steps = 2
-  config.diffusion.clip_denoised = False
-  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
-  assert calls['pc_sample_loop'][1] == dict(num_steps=5, snr=0.1, num_corrector_steps=2,
-                                            var_type='fixed_large', mean_type='eps',
-                                            clip_denoised=False, x_T=None)
-  config = small_config('dpm_solver')
-  config.sampling.solver_order = 3
-  config.diffusion.mean_type = 'x0'
-  sampling.sample_from_config(config, s, zero_model, rng, SHAPE)
-  assert calls['dpm_solver_sample_loop'][1] == dict(num_steps=5, order=3, skip_type='uniform',
-                                                    mean_type='x0', clip_denoised=False, x_T=None)
-  with pytest.raises(ValueError, match=r"sampling\.sampler.*'ancestral'.*'ddim'.*'pc'"):
-    sampling.sample_from_config(small_config('euler'), s, zero_model, rng, SHAPE)
-
-
-def test_sample_from_config_runs(x0_target):
-  s = make_schedule('linear', 20, beta_start=1e-3, beta_end=0.3)
-  model_fn = oracle_model(s, x0_target)
-  # 'ode' calls the model at real-valued t, which this integer-t oracle cannot take:
-  # tests/test_sde.py runs it through sample_from_config with a continuous-time model.
-  out = jax.jit(lambda r: {k: sampling.sample_from_config(small_config(k), s, model_fn, r, SHAPE)
-                           for k in sampling.SAMPLERS if k != 'ode'})(jax.random.PRNGKey(0))
-  for sampler, x in out.items():
-    np.testing.assert_allclose(x, x0_target, atol=1e-4, err_msg=sampler)
-
-
-def test_make_sampler_jits_once():
-  import flax.linen as nn
-
-  config = small_config('ddim')
-  s = make_schedule('linear', 20)
-  f = sampling.make_sampler(config, s, lambda params, x, t: params['w'] * x)
-  params = {'w': jnp.float32(0.1)}
-  a, b = f(params, jax.random.PRNGKey(0)), f(params, jax.random.PRNGKey(1))
-  assert a.shape == (4, 4, 4, 1) and f._cache_size() == 1 and not np.allclose(a, b)
-
-  class Scale(nn.Module):   # a Flax module is called as module.apply(params, x, t, train=False)
-    @nn.compact
-    def __call__(self, x, t, train=True):
-      assert not train and t.dtype == jnp.int32
-      return 0.1 * x
-
-  g = sampling.make_sampler(config, s, Scale())
-  np.testing.assert_allclose(g({}, jax.random.PRNGKey(0)), a, atol=1e-6)
-
-
-def test_make_sampler_compiles_with_less_llvm_optimisation_and_equal_results(monkeypatch):
-  config = small_config('ancestral')
-  s = make_schedule('linear', 20)
-  apply_fn = lambda params, x, t: params['w'] * jnp.sin(x)
-  params, rng = {'w': jnp.float32(0.3)}, jax.random.PRNGKey(3)
-  assert host.cpu_compiler_options(jax.devices()) == {'xla_backend_optimization_level': 1}
-  f = sampling.make_sampler(config, s, apply_fn)
-  xla_default = {'xla_backend_optimization_level': 3}
-  np.testing.assert_allclose(f(params, rng),   # equal up to float32 rounding
-                             f.lower(params, rng).compile(compiler_options=xla_default)(params, rng),
-                             rtol=1e-6, atol=1e-6)
-  monkeypatch.setattr(host, 'cpu_compiler_options', lambda *a, **k: {'no_such_option': 1})
-  with pytest.raises(Exception, match='no_such_option'):
-    sampling.make_sampler(config, s, apply_fn)(params, rng)
-
-
-def test_make_sampler_shards_batch_over_devices():
-  """Two host CPU devices: the samples come back sharded on the batch axis, same values."""
-  code = textwrap.dedent('''
-      import jax, jax.numpy as jnp, numpy as np
-      from jax.sharding import PartitionSpec as P
-      from diffusion_jax import config_lib, sampling
-      from diffusion_jax.schedule import make_schedule
-      assert jax.device_count() == 2
-      config = config_lib.base_config()
-      config.diffusion.num_timesteps = 10
-      config.sampling.sampler = 'ancestral'
-      config.data.image_size, config.data.num_channels = 4, 1
-      config.sampling.batch_size = 4
-      s = make_schedule('linear', 10)
-      apply_fn = lambda p, x, t: p['w'] * x
-      params = {'w': jax.device_put(jnp.float32(0.1), jax.devices()[0])}   # committed
-      f = sampling.make_sampler(config, s, apply_fn)
-      x = f(params, jax.random.PRNGKey(0))
-      assert x.sharding.spec == P('data'), x.sharding
-      assert len(x.sharding.device_set) == 2
-      ref = jax.jit(lambda r: sampling.p_sample_loop(s, lambda x, t: 0.1 * x, r, (4, 4, 4, 1)))(
-          jax.random.PRNGKey(0))
-      np.testing.assert_allclose(np.asarray(x), np.asarray(ref), atol=1e-5)
-      g = sampling.make_sampler(config, s, apply_fn, batch_size=3)   # not divisible: unsharded
-      assert g(params, jax.random.PRNGKey(0)).shape == (3, 4, 4, 1)
-      print('OK')
-  ''')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]

@@ -92,12 +92,12 @@ def validate_data_config(config, *, process_count: int | None = None,
 
 def conditional(config) -> bool:
   """Whether batches carry labels: a class-conditional model (``model.num_classes > 0``)."""
-  return bool(config.model.get('num_classes', 0))
+  return bool(config.model.num_classes)
 
 
 def check_labels_available(config) -> None:
   """A conditional config needs a labelled data set with ``model.num_classes`` classes."""
-  k, name = config.model.get('num_classes', 0), config.data.name
+  k, name = config.model.num_classes, config.data.name
   if not k or name == 'image_folder':   # image folders: checked when listed (get_source)
     return
   if name not in NUM_CLASSES:

@@ -133,7 +133,7 @@ def create_train_iterator(config, *, process_index: int | None = None,
   ds = ds.batch(local_batch, drop_remainder=True)
   it_ds = ds.to_iter_dataset(
       _read_options(config, local_batch, isinstance(source, sources.ArraySource)))
-  num_workers = config.data.get('num_workers', 0) or 0
+  num_workers = config.data.num_workers or 0
   if num_workers > 0:
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers)).map(_to_plain_numpy)

@@ -42,9 +42,9 @@ def make_bpd_fn(config, schedule: Schedule, apply_fn: rt.ApplyFn, sharding=None)
   def fn(params, x0, rng, y=None):
     return diffusion.calc_bpd_loop(schedule, rt.model_fn_of(apply_fn, params, y), x0, rng,
                                    mean_type=d.mean_type, var_type=d.var_type,
-                                   clip_denoised=bool(d.get('clip_denoised', True)))
+                                   clip_denoised=bool(d.clip_denoised))
 
-  return rt.jit_per_batch(fn, sharding, labels=bool(config.model.get('num_classes', 0)))
+  return rt.jit_per_batch(fn, sharding, labels=bool(config.model.num_classes))
 
 
 def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: np.ndarray, rng, *,
@@ -66,9 +66,9 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
   n = images.shape[0]
   if n == 0:
     raise ValueError('bpd_eval needs at least one image.')
-  if (labels is None) != (not config.model.get('num_classes', 0)):
+  if (labels is None) != (not config.model.num_classes):
     raise ValueError('bpd_eval needs labels exactly for a class-conditional model '
-                     f'(model.num_classes={config.model.get("num_classes", 0)}).')
+                     f'(model.num_classes={config.model.num_classes}).')
   bs = rt.eval_batch_size(config, n, batch_size, mesh)
   sharding = rt.batch_sharding(mesh, bs)
   fn = make_bpd_fn(config, schedule, apply_fn, sharding)

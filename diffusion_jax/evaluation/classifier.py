@@ -240,7 +240,7 @@ def load_or_train_classifier(workdir: str | os.PathLike, config,
   meta = {
       'steps': int(ev.classifier_steps),
       'seed': int(config.seed),
-      'batch_size': int(ev.get('classifier_batch_size', 128)),
+      'batch_size': int(ev.classifier_batch_size),
       'image_shape': [int(s) for s in image_shape],
       'num_train': int(images.shape[0]),
       'num_classes': num_classes,

@@ -48,6 +48,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from diffusion_jax import data as data_lib
+from diffusion_jax import settings
 from diffusion_jax.evaluation import bits_per_dim
 from diffusion_jax.evaluation import classifier_metrics
 from diffusion_jax.evaluation import fid
@@ -61,19 +62,10 @@ from diffusion_jax.evaluation import samples
 from diffusion_jax.evaluation.samples import sample  # noqa: F401  (--mode sample, called by main.py)
 from diffusion_jax.schedule import Schedule
 
-PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance', 'ode_bpd', 'nfe_curve')
+PARTS = settings.EVAL_PARTS
 
 # Distinct streams of randomness, folded into PRNGKey(config.seed).
 RNG_BPD, RNG_FIGURES, RNG_ODE_BPD = 0xB9D, 0xF16, 0x0DE
-
-
-def parse_parts(parts: str) -> list[str]:
-  """``'bpd,rd'`` -> ``['bpd', 'rd']`` (in :data:`PARTS` order); ValueError on unknown names."""
-  names = [p.strip() for p in str(parts or '').split(',') if p.strip()]
-  bad = [p for p in names if p not in PARTS]
-  if bad:
-    raise ValueError(f'eval.parts: unknown part(s) {bad}; allowed: {", ".join(PARTS)}.')
-  return [p for p in PARTS if p in names]
 
 
 @dataclasses.dataclass
@@ -105,8 +97,7 @@ class _Context:
 
   def sample_sets(self) -> dict:
     if 'sets' not in self.cache:
-      specs = samples.parse_sample_sets(self.config.eval.get('sample_sets', 'ancestral,ddim50'),
-                                        self.schedule.num_timesteps)
+      specs = settings.eval_settings(self.config).sample_sets
       num = int(self.config.eval.num_fid_samples)
       sets = {label: samples.labeled_sample_set(self.config, self.workdir, self.schedule,
                                                 self.apply_fn, self.params, self.step, label,
@@ -199,7 +190,7 @@ def _part_classifier(ctx: _Context) -> dict:
 
 
 def _part_guidance(ctx: _Context) -> dict:
-  if not ctx.config.model.get('num_classes', 0):
+  if not ctx.config.model.num_classes:
     msg = 'guidance curve skipped: it is for class-conditional models (model.num_classes > 0).'
     rt.say(f'  {msg}')
     return {'skipped': msg}
@@ -211,7 +202,7 @@ def _part_guidance(ctx: _Context) -> dict:
 
 
 def _part_nfe_curve(ctx: _Context) -> dict:
-  if ctx.config.model.get('num_classes', 0):
+  if ctx.config.model.num_classes:
     msg = 'nfe curve skipped: it is for unconditional models (model.num_classes=0).'
     rt.say(f'  {msg}')
     return {'skipped': msg}
@@ -232,7 +223,7 @@ def _part_ode_bpd(ctx: _Context) -> dict:
   in the same call).
   """
   cfg = ctx.config
-  num = int(cfg.eval.get('num_ode_bpd_examples', 64))
+  num = int(cfg.eval.num_ode_bpd_examples)
   num = None if num < 0 else num
   images = data_lib.load_uint8(cfg, cfg.data.eval_split, num=num)
   start = time.perf_counter()
@@ -245,7 +236,7 @@ def _part_ode_bpd(ctx: _Context) -> dict:
       bpd_stderr=float(np.std(bpd, ddof=1) / np.sqrt(n)) if n > 1 else float('nan'),
       num_examples=n, nfe=float(np.mean(out['nfe'])), nfe_per_batch=out['nfe'].tolist(),
       rtol=float(cfg.sampling.ode_rtol), atol=float(cfg.sampling.ode_atol),
-      trace='exact' if cfg.eval.get('ode_bpd_exact_trace', False) else 'hutchinson',
+      trace='exact' if cfg.eval.ode_bpd_exact_trace else 'hutchinson',
       dequantization='uniform', wall_s=round(time.perf_counter() - start, 1),
       step=ctx.step, split=cfg.data.eval_split)
   bound_path = rt.join(ctx.eval_dir, 'bpd.json')
@@ -288,7 +279,7 @@ def evaluate(config, workdir: str) -> dict:
   (``bpd``), file paths (``rd``, ``figures``) or metric dicts (``fid``,
   ``classifier``) also written to disk.
   """
-  parts = parse_parts(config.eval.get('parts', ','.join(PARTS)))
+  parts = settings.parse_parts(config.eval.parts)
   workdir = rt.workdir_path(workdir)
   model, schedule, mesh, step, params = rt.restore_for_eval(config, workdir)
   eval_dir = rt.join(workdir, 'eval')
@@ -298,7 +289,7 @@ def evaluate(config, workdir: str) -> dict:
                  apply_fn=rt.apply_fn_for(model), params=params, step=step, mesh=mesh,
                  rng=jax.random.PRNGKey(config.seed))
   rt.say(f'Evaluating checkpoint step {step} of {workdir} '
-         f'({"EMA" if config.sampling.get("use_ema", True) else "raw"} parameters): '
+         f'({"EMA" if config.sampling.use_ema else "raw"} parameters): '
          f'{", ".join(parts)}')
   results = {'step': step}
   for i, part in enumerate(parts, 1):

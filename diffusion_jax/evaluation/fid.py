@@ -36,7 +36,7 @@ def fid_reference_stats(config, workdir: str, inception_fn, batch_size: Optional
   if ev.fid_stats_path:
     mu, sigma = metrics.load_stats(ev.fid_stats_path)
     return mu, sigma, str(ev.fid_stats_path)
-  num = int(ev.get('num_fid_reference', -1))
+  num = int(ev.num_fid_reference)
   split = config.data.train_split
   weights = os.path.splitext(os.path.basename(str(ev.inception_path)))[0]
   tag = re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{config.data.name}_{split}_{num}_{weights}')

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax import guidance
+from diffusion_jax import settings
 from diffusion_jax import images as image_lib
 from diffusion_jax import sampling
 from diffusion_jax.evaluation import runtime as rt
@@ -95,21 +95,18 @@ def paper_step_to_t(step: int, num_timesteps: int, paper_T: int = 1000) -> int:
 def figure_labels(config, rng, num: int):
   """Labels of a figure's ``num`` chains for a class-conditional model (None if unconditional).
 
-  ``sampling.class_label`` (-1: uniform), from :func:`guidance.labels_from_config`;
+  ``sampling.class_label`` (-1: uniform), from :meth:`guidance.Conditioning.labels`;
   the chains are guided with ``sampling.guidance_scale``.
   """
-  if not guidance.num_classes(config):
-    return None
-  return guidance.labels_from_config(config, rng, num)
+  return settings.conditioning(config).labels(rng, num)
 
 
 def _chain_fn(config, schedule, apply_fn):
   """Jitted ``(params, rng, x_t, t_start, y=None) -> x_0`` (guided for a conditional model)."""
-  d = config.diffusion
+  d, cond = config.diffusion, settings.conditioning(config)
   return jax.jit(lambda params, rng, x_t, t_start, y=None: p_sample_loop_from(
-      schedule, guidance.model_fn_from_config(config, apply_fn, params, y), rng, x_t, t_start,
-      mean_type=d.mean_type, var_type=d.var_type,
-      clip_denoised=bool(d.get('clip_denoised', True))))
+      schedule, cond.model_fn(apply_fn, params, y), rng, x_t, t_start,
+      mean_type=d.mean_type, var_type=d.var_type, clip_denoised=bool(d.clip_denoised)))
 
 
 def progressive_generation(config, schedule, apply_fn, params, rng, *, num_samples: int = 8,
@@ -118,13 +115,13 @@ def progressive_generation(config, schedule, apply_fn, params, rng, *, num_sampl
 
   A class-conditional model samples :func:`figure_labels`, guided.
   """
-  d = config.diffusion
+  d, cond = config.diffusion, settings.conditioning(config)
   k = min(num_snapshots, schedule.num_timesteps)
-  shape = sampling.sample_shape(config, num_samples)
+  shape = (num_samples,) + settings.image_shape(config)
   fn = jax.jit(lambda params, rng, y: sampling.p_sample_loop_progressive(
-      schedule, guidance.model_fn_from_config(config, apply_fn, params, y), rng, shape,
-      mean_type=d.mean_type, var_type=d.var_type,
-      clip_denoised=bool(d.get('clip_denoised', True)), num_snapshots=k))
+      schedule, cond.model_fn(apply_fn, params, y), rng, shape,
+      mean_type=d.mean_type, var_type=d.var_type, clip_denoised=bool(d.clip_denoised),
+      num_snapshots=k))
   x0, snaps = fn(params, rng, figure_labels(config, rng, num_samples))
   return dict(x0=rt.to_host(x0), pred_x0=np.swapaxes(rt.to_host(snaps['pred_x0']), 0, 1),
               x_t=np.swapaxes(rt.to_host(snaps['x_t']), 0, 1), t=rt.to_host(snaps['t']))

@@ -15,9 +15,8 @@ Writes ``eval/guidance.csv`` (one row per w) and ``eval/guidance.png``.
 
 from __future__ import annotations
 
-import math
 
-from diffusion_jax import guidance
+from diffusion_jax import settings
 from diffusion_jax.evaluation import classifier_metrics
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import runtime as rt
@@ -26,19 +25,6 @@ from diffusion_jax.evaluation import samples
 # Columns of guidance.csv, in order (a metric that was not computed is empty).
 COLUMNS = ('guidance_scale', 'num_samples', 'asked_for_accuracy', 'classifier_frechet_at_n',
            'classifier_frechet_real_at_n', 'classifier_kid', 'fid', 'kid', 'inception_score')
-
-
-def parse_guidance_scales(spec) -> list[float]:
-  """``'0,0.5,1'`` -> ``[0.0, 0.5, 1.0]``; ValueError naming ``eval.guidance_scales`` otherwise."""
-  items = [s.strip() for s in str(spec or '').split(',') if s.strip()]
-  try:
-    scales = [float(s) for s in items]
-  except ValueError:
-    scales = []
-  if not scales or any(not (math.isfinite(w) and w >= 0) for w in scales):
-    raise ValueError(f'eval.guidance_scales={spec!r} must be a comma-separated list of numbers '
-                     '>= 0, e.g. "0,0.5,1,2,3".')
-  return scales
 
 
 def quality_row(config, workdir: str, name: str, images, labels=None) -> dict:
@@ -71,12 +57,12 @@ def guidance_row(config, workdir: str, w: float, images, labels) -> dict:
 
 def guidance_sweep(config, workdir: str, schedule, apply_fn, params, step: int) -> list[dict]:
   """:func:`guidance_row` for every w of ``eval.guidance_scales`` (uniform random labels)."""
-  if not guidance.num_classes(config):
+  if not config.model.num_classes:
     raise ValueError('the guidance curve needs a class-conditional model (model.num_classes > 0).')
-  set_label, sampler, steps = samples.parse_sample_sets(
-      config.eval.get('sample_sets', 'ancestral,ddim50'), schedule.num_timesteps)[0]
+  ev = settings.eval_settings(config)
+  set_label, sampler, steps = ev.sample_sets[0]
   rows = []
-  for w in parse_guidance_scales(config.eval.get('guidance_scales', '0')):
+  for w in ev.guidance_scales:
     cfg = config.copy_and_resolve_references()
     cfg.sampling.guidance_scale = w
     cfg.sampling.class_label = -1

@@ -27,7 +27,7 @@ Input convention: ``InceptionV3FID.input_range`` chooses how pixels come in.
 - ``'0_255'`` (the default, the FID convention): images in [0, 255], uint8
   or float, e.g. the uint8 samples this project writes to ``.npz``;
 - ``'-1_1'``: float images in [-1, 1], the project's convention for model
-  inputs and outputs (``DESIGN.md``).
+  inputs and outputs (``docs/design.md``).
 
 Either way the images are NHWC with 3 channels (1 channel is repeated to 3),
 bilinearly resized to 299x299 (half-pixel centres, no antialiasing: PyTorch's

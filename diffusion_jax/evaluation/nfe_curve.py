@@ -31,9 +31,8 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import images as image_lib
-from diffusion_jax import sampling
-from diffusion_jax import sde
+from diffusion_jax import samplers
+from diffusion_jax import settings
 from diffusion_jax.evaluation import guidance_sweep
 from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.evaluation import samples
@@ -45,51 +44,15 @@ COLUMNS = ('sampler', 'nfe', 'num_samples', 'wall_s', 'classifier_frechet_at_n',
 RNG_NFE = 0x0FE   # folded into PRNGKey(config.seed): every sampler starts from the same x_T
 
 
-def parse_numbers(field: str, spec, kind=int) -> list:
-  """``'5,10,20'`` -> ``[5, 10, 20]``; ValueError naming ``field`` on anything not positive."""
-  items = [s.strip() for s in str(spec or '').split(',') if s.strip()]
-  try:
-    values = [kind(s) for s in items]
-  except ValueError:
-    values = []
-  if not values or any(not v > 0 for v in values):
-    raise ValueError(f'{field}={spec!r} must be a comma-separated list of positive numbers, '
-                     'e.g. "5,10,20,50,100".')
-  return values
-
-
-def sampler_config(config, sampler: str, calls: int):
-  """A copy of ``config`` whose ``sampling`` section runs ``sampler`` with ``calls`` model calls."""
-  cfg = config.copy_and_resolve_references()
-  sc = cfg.sampling
+def nfe_spec(spec: samplers.SamplerSpec, sampler: str, calls: int) -> samplers.SamplerSpec:
+  """``spec`` running ``sampler`` (a name of :data:`SAMPLERS`) with ``calls`` model calls."""
   if sampler == 'ddim':
-    sc.sampler, sc.num_steps, sc.eta = 'ddim', calls, 0.0
-  elif sampler.startswith('dpm_solver'):
-    sc.sampler, sc.num_steps, sc.solver_order = 'dpm_solver', calls, int(sampler[-1])
-  elif sampler == 'ancestral':
-    sc.sampler, sc.ancestral_steps = 'ancestral', calls
-  else:
-    raise ValueError(f'nfe_curve: unknown sampler {sampler!r}; allowed: {", ".join(SAMPLERS)}.')
-  return cfg
-
-
-def ode_samples(config, schedule, apply_fn, params, rng, num: int, rtol: float):
-  """(uint8 images ``[num, H, W, C]``, mean NFE): the probability-flow ODE at ``rtol`` (= atol).
-
-  Chunk ``i`` of ``sampling.batch_size`` draws x_T from ``fold_in(rng, i)``,
-  as :func:`samples.generate_labeled_samples` does for the other samplers.
-  """
-  chunk = min(int(config.sampling.batch_size), num)
-  shape = sampling.sample_shape(config, chunk)
-  solve = jax.jit(lambda p, r: sde.probability_flow_sample(
-      schedule, lambda x, t: apply_fn(p, x, t), r, shape, rtol=rtol, atol=rtol,
-      mean_type=config.diffusion.mean_type))
-  out, nfe = [], []
-  for i in range(-(-num // chunk)):
-    x, n = solve(params, jax.random.fold_in(rng, i))
-    out.append(image_lib.to_uint8(np.asarray(x)))
-    nfe.append(int(n))
-  return np.concatenate(out)[:num], float(np.mean(nfe))
+    return spec.replace(name='ddim', num_steps=calls, eta=0.0)
+  if sampler in ('dpm_solver2', 'dpm_solver3'):
+    return spec.replace(name='dpm_solver', num_steps=calls, order=int(sampler[-1]))
+  if sampler == 'ancestral':
+    return spec.replace(name='ancestral', num_steps=calls)
+  raise ValueError(f'nfe_curve: unknown sampler {sampler!r}; allowed: {", ".join(SAMPLERS)}.')
 
 
 def _cached_set(workdir: str, step: int, name: str, num: int, draw):
@@ -115,25 +78,31 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params, step: int = 0) -
 
   Sample sets are cached per checkpoint ``step`` (:func:`_cached_set`).
   """
-  if config.model.get('num_classes', 0):
+  if config.model.num_classes:
     raise ValueError('the nfe_curve part is for unconditional models (model.num_classes=0); '
                      'use part guidance for class-conditional ones.')
-  calls = parse_numbers('eval.nfe_calls', config.eval.get('nfe_calls', '5,10,20,50,100'))
-  rtols = parse_numbers('eval.nfe_ode_rtols', config.eval.get('nfe_ode_rtols', '1e-3,1e-5'),
-                        float)
+  ev = settings.eval_settings(config)
+  spec, cond = settings.sampler_spec(config), settings.conditioning(config)
   num = int(config.eval.num_fid_samples)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_NFE)
+
+  def draw(run_spec, desc):
+    images, _, nfe = samples.generate_labeled_samples(
+        run_spec, cond, schedule, apply_fn, params, rng, num,
+        image_shape=settings.image_shape(config), batch_size=config.sampling.batch_size,
+        desc=desc, progress=False, with_nfe=True)
+    return images, nfe
+
   runs = [(f'{sampler}_{n}', sampler,
-           lambda sampler=sampler, n=n: (samples.generate_samples(
-               sampler_config(config, sampler, n), schedule, apply_fn, params, rng, num,
-               desc=f'  {sampler} {n}', progress=False), n))
-          for sampler in SAMPLERS for n in calls if n <= schedule.num_timesteps]
+           lambda sampler=sampler, n=n: draw(nfe_spec(spec, sampler, n), f'  {sampler} {n}'))
+          for sampler in SAMPLERS for n in ev.nfe_calls if n <= schedule.num_timesteps]
   runs += [(f'ode_rtol{rtol:g}', f'ode_rtol{rtol:g}',
-            lambda rtol=rtol: ode_samples(config, schedule, apply_fn, params, rng, num, rtol))
-           for rtol in rtols]
+            lambda rtol=rtol: draw(spec.replace(name='ode', rtol=rtol, atol=rtol),
+                                   f'  ode {rtol:g}'))
+           for rtol in ev.nfe_ode_rtols]
   rows = []
-  for name, sampler, draw in runs:
-    images, nfe, wall = _cached_set(workdir, step, name, num, draw)
+  for name, sampler, draw_set in runs:
+    images, nfe, wall = _cached_set(workdir, step, name, num, draw_set)
     row = dict(sampler=sampler, nfe=nfe, num_samples=int(len(images)), wall_s=wall)
     row.update(guidance_sweep.quality_row(config, workdir, name, images))
     rows.append(row)

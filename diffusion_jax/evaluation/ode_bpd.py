@@ -49,8 +49,8 @@ def ode_bpd_eval(config, s: Schedule, apply_fn, params, images_uint8: np.ndarray
     deq_key, probe_key = jax.random.split(key)
     log_p, nfe = sde.ode_log_likelihood(
         s, rt.model_fn_of(apply_fn, params, y), sde.dequantize(deq_key, x), probe_key,
-        rtol=float(sc.get('ode_rtol', 1e-5)), atol=float(sc.get('ode_atol', 1e-5)),
-        mean_type=mean_type, exact_trace=bool(config.eval.get('ode_bpd_exact_trace', False)))
+        rtol=float(sc.ode_rtol), atol=float(sc.ode_atol),
+        mean_type=mean_type, exact_trace=bool(config.eval.ode_bpd_exact_trace))
     return sde.bpd_from_log_p(log_p, dims), nfe
 
   replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())

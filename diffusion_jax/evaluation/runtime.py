@@ -3,7 +3,7 @@
 * :func:`restore_for_eval`: the EMA parameters of the latest checkpoint (DDPM
   App. B reports every sample and metric with the EMA, decay 0.9999);
 * :func:`put` / :func:`batch_sharding` / :func:`to_host`: host batches to
-  batch-sharded device arrays over ``train.make_mesh()`` and back;
+  batch-sharded device arrays over ``runner.make_mesh()`` and back;
   :func:`jit_per_batch` and :func:`over_batches` run a per-image computation
   over a whole image set in padded, sharded batches (bits/dim, ODE bits/dim);
 * :func:`write_json`, :func:`save_npz`, :func:`write_bytes`, :func:`load_npz`:
@@ -11,7 +11,7 @@
   ``etils.epath`` (so ``gs://`` workdirs work), atomically (temporary file,
   then rename).
 
-Conventions (DESIGN.md): images in [-1, 1], NHWC; only process 0 writes
+Conventions (docs/design.md): images in [-1, 1], NHWC; only process 0 writes
 files; every process takes part in the (sharded) computations.
 """
 
@@ -22,11 +22,10 @@ import functools
 import io
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 from tqdm import tqdm
@@ -36,11 +35,13 @@ from diffusion_jax import config_lib
 from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import storage
-from diffusion_jax import train
+from diffusion_jax import runner
+from diffusion_jax import train_state
 
-ApplyFn = Callable[..., jnp.ndarray]   # (params, x_t, t[, y]) -> out; y: labels of a conditional model
-
-to_host = train.to_host   # gathers a multi-host sharded array (process_allgather)
+ApplyFn = runner.ApplyFn
+# The batch placement and the model adapter of diffusion_jax.runner.
+to_host, put, batch_sharding, round_up, apply_fn_for = (
+    runner.to_host, runner.put, runner.batch_sharding, runner.round_up, runner.apply_fn_for)
 
 
 def is_main() -> bool:
@@ -63,30 +64,8 @@ def join(*parts) -> str:
   return os.fspath(epath.Path(parts[0]).joinpath(*parts[1:]))
 
 
-def apply_fn_for(model) -> ApplyFn:
-  """``(params, x_t, t, y=None) -> output`` for a Flax module (eval mode, no dropout).
-
-  ``y``: int32 labels ``[B]`` of a class-conditional model (None: unconditional).
-  """
-  return lambda params, x, t, y=None: model.apply({'params': params}, x, t, y=y, train=False)
 
 
-def batch_sharding(mesh: Optional[Mesh], batch: int):
-  """``NamedSharding(mesh, P('data'))`` when ``batch`` divides over the mesh, else None."""
-  if mesh is None or batch % mesh.size:
-    return None
-  return NamedSharding(mesh, P('data'))
-
-
-def put(x: np.ndarray, sharding):
-  """Host array (identical on every host) -> device array, batch-sharded if ``sharding``."""
-  if sharding is None:
-    return jnp.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def round_up(n: int, k: int) -> int:
-  return -(-n // k) * k
 
 
 def model_fn_of(apply_fn: ApplyFn, params, y=None):
@@ -220,26 +199,29 @@ def cached(path) -> bool:
   return jax.process_count() == 1 and epath.Path(path).exists()
 
 
-def restore_for_eval(config, workdir: str):
-  """(model, schedule, mesh, step, params): the latest checkpoint's EMA (or raw) params.
+def restore_for_eval(config, workdir: str, *, step: Optional[int] = None,
+                     use_ema: Optional[bool] = None):
+  """(model, schedule, mesh, step, params): a checkpoint's EMA (or raw) params.
 
-  The checkpoint is restored onto the abstract shape of ``train.setup``'s
-  initial state (``jax.eval_shape`` of ``train.create_train_state``), replicated
-  over ``train.make_mesh()``, so nothing is initialised or compiled for it.
+  The checkpoint (the newest finished one, or ``step``) is restored onto the
+  abstract shape of the training state (``jax.eval_shape`` of
+  :func:`train_state.create_train_state`), replicated over
+  :func:`runner.make_mesh`, so nothing is initialised or compiled for it and
+  the training loop is not imported.
 
-  ``config.sampling.use_ema`` picks the exponential moving average (DDPM App. B
-  reports every sample and metric with the EMA parameters, decay 0.9999).
+  ``use_ema`` (default ``config.sampling.use_ema``) picks the exponential moving
+  average (DDPM App. B reports every sample and metric with the EMA parameters).
   """
   config_lib.validate_config(config)
   model = models.create_model(config)
   schedule = schedule_lib.schedule_from_config(config)
-  mesh = train.make_mesh()
+  mesh = runner.make_mesh()
   abstract = jax.eval_shape(
-      functools.partial(train.create_train_state, config, model, train.create_optimizer(config)),
+      functools.partial(train_state.create_train_state, config, model,
+                        train_state.create_optimizer(config)),
       jax.random.PRNGKey(config.seed))
-  replicated = NamedSharding(mesh, P())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        abstract)
-  step, state = ckpt.restore_params(workdir, target)
-  params = state.ema_params if config.sampling.get('use_ema', True) else state.params
-  return model, schedule, mesh, int(step), params
+  rep = runner.replicated(mesh)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+  step, state = ckpt.restore_params(workdir, target, step=step)
+  use_ema = config.sampling.use_ema if use_ema is None else use_ema
+  return model, schedule, mesh, int(step), state.ema_params if use_ema else state.params

@@ -10,7 +10,6 @@ evaluation parts can be re-run without re-sampling. Every sampler is one of
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import jax
@@ -19,7 +18,10 @@ from tqdm import tqdm
 
 from diffusion_jax import guidance
 from diffusion_jax import images as image_lib
+from diffusion_jax import runner
+from diffusion_jax import samplers
 from diffusion_jax import sampling
+from diffusion_jax import settings
 from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.schedule import Schedule
 
@@ -27,70 +29,61 @@ from diffusion_jax.schedule import Schedule
 RNG_SAMPLE, RNG_SETS = 0x5A3E, 0x5E75
 
 
-def sampler_name_and_steps(config) -> tuple[str, int]:
-  """(sampler, steps) of ``config.sampling``; ancestral: T steps, or ``sampling.ancestral_steps``."""
-  sc = config.sampling
-  if sc.sampler == 'ancestral':
-    return sc.sampler, int(sc.get('ancestral_steps', 0)) or config.diffusion.num_timesteps
-  steps = int(sc.num_steps)
-  return sc.sampler, steps
+def sample_rng(seed: int):
+  """The key of ``--mode sample`` and :meth:`Pipeline.sample` for ``seed``."""
+  return jax.random.fold_in(jax.random.PRNGKey(int(seed)), RNG_SAMPLE)
 
 
-def run_tag(config) -> str:
-  """Names a ``--mode sample`` run after its sampler: the steps (and DPM-Solver++'s order), or ``rtol<r>`` for the ODE.
+def generate_labeled_samples(spec: samplers.SamplerSpec, cond: guidance.Conditioning,
+                             schedule: Schedule, apply_fn: rt.ApplyFn, params, rng, num: int, *,
+                             image_shape, batch_size: int, labels=None, desc: str = 'sampling',
+                             progress: bool = True, cache: Optional[dict] = None,
+                             with_nfe: bool = False):
+  """(uint8 images ``[num, H, W, C]``, int32 labels ``[num]`` or None[, mean nfe]).
 
-  The probability-flow ODE (``sampling.sampler='ode'``) takes as many adaptive
-  steps as its tolerance needs, so its files are named by ``sampling.ode_rtol``.
-  """
-  name, steps = sampler_name_and_steps(config)
-  if name == 'dpm_solver':
-    return f'{steps}_order{int(config.sampling.get("solver_order", 2))}'
-  return f'rtol{float(config.sampling.ode_rtol):g}' if name == 'ode' else str(steps)
-
-
-def generate_samples(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, rng, num: int, *,
-                     batch_size: Optional[int] = None, desc: str = 'sampling',
-                     progress: bool = True) -> np.ndarray:
-  """``num`` samples with ``config.sampling``'s sampler, as uint8 ``[num, H, W, C]``.
-
-  Chunks of ``batch_size`` (default ``sampling.batch_size``, rounded up to a
-  multiple of the device count so that :func:`sampling.make_sampler` shards them);
-  chunk ``i`` uses ``fold_in(rng, i)``; the last chunk is a full one, truncated,
-  so that one shape compiles. See :func:`generate_labeled_samples` for the labels.
-  """
-  return generate_labeled_samples(config, schedule, apply_fn, params, rng, num,
-                                  batch_size=batch_size, desc=desc, progress=progress)[0]
-
-
-def generate_labeled_samples(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, rng,
-                             num: int, *, batch_size: Optional[int] = None,
-                             desc: str = 'sampling', progress: bool = True):
-  """(uint8 images ``[num, H, W, C]``, int32 labels ``[num]`` or None), as :func:`generate_samples`.
-
-  A class-conditional config's chunk ``i`` has the labels
-  :func:`guidance.labels_from_config` of its key (``sampling.class_label``),
-  guided with ``sampling.guidance_scale``; an unconditional one has None.
+  ``num`` samples with ``spec``'s sampler (:mod:`diffusion_jax.samplers`) in chunks of
+  ``batch_size`` rounded up to a multiple of the device count (so that
+  :func:`runner.make_sampler` shards them); chunk ``i`` uses ``fold_in(rng, i)``;
+  the last chunk is a full one, truncated, so that one shape compiles. A
+  conditional ``cond`` draws chunk ``i``'s labels from its key
+  (:meth:`guidance.Conditioning.labels`) unless ``labels`` (int32 ``[num]``) are
+  given, and guides with ``cond.guidance_scale``. ``cache`` (a dict) keeps the
+  compiled sampler per (spec, conditioning, batch) across calls.
   """
   if num <= 0:
     raise ValueError(f'number of samples must be positive, got {num}.')
-  bs = int(batch_size or config.sampling.batch_size)
-  chunk = rt.round_up(min(bs, num), jax.device_count())
-  sampler = sampling.make_sampler(config, schedule, apply_fn, batch_size=chunk)
-  conditional = guidance.num_classes(config) > 0
-  n_chunks = -(-num // chunk)
-  out, labels = [], []
-  for i in tqdm(range(n_chunks), desc=desc, unit='chunk',
+  chunk = rt.round_up(min(int(batch_size), num), jax.device_count())
+  key = (spec, cond, chunk, with_nfe)
+  sampler = None if cache is None else cache.get(key)
+  if sampler is None:
+    sampler = runner.make_sampler(spec, cond, schedule, apply_fn, (chunk,) + tuple(image_shape),
+                                  with_nfe=True)
+    if cache is not None:
+      cache[key] = sampler
+  out, out_labels, nfe = [], [], []
+  for i in tqdm(range(-(-num // chunk)), desc=desc, unit='chunk',
                 disable=not (progress and rt.is_main()), dynamic_ncols=True):
-    key = jax.random.fold_in(rng, i)
-    if conditional:
-      y = guidance.labels_from_config(config, key, chunk)
-      labels.append(np.asarray(y))
-      x = sampler(params, key, y)
-    else:
-      x = sampler(params, key)
+    key_i = jax.random.fold_in(rng, i)
+    y = None
+    if cond.conditional:
+      if labels is None:
+        y = np.asarray(cond.labels(key_i, chunk))
+      else:
+        y = rt.pad_batch(np.asarray(labels[i * chunk:(i + 1) * chunk], np.int32), chunk)
+      out_labels.append(y)
+    x, n = sampler(params, key_i, y) if cond.conditional else sampler(params, key_i)
     out.append(image_lib.to_uint8(rt.to_host(x)))
+    nfe.append(int(n))
   images = np.concatenate(out, axis=0)[:num]
-  return images, (np.concatenate(labels)[:num] if conditional else None)
+  result = (images, np.concatenate(out_labels)[:num] if cond.conditional else None)
+  return result + (float(np.mean(nfe)),) if with_nfe else result
+
+
+def generate_samples(spec: samplers.SamplerSpec, cond: guidance.Conditioning,
+                     schedule: Schedule, apply_fn: rt.ApplyFn, params, rng, num: int,
+                     **kwargs) -> np.ndarray:
+  """The images of :func:`generate_labeled_samples`."""
+  return generate_labeled_samples(spec, cond, schedule, apply_fn, params, rng, num, **kwargs)[0]
 
 
 def grid_by_class(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
@@ -106,106 +99,79 @@ def grid_by_class(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
   return cells.reshape((-1,) + images.shape[1:])
 
 
-def save_samples_grid(config, images: np.ndarray, labels: Optional[np.ndarray], path) -> None:
+def save_samples_grid(cond: guidance.Conditioning, images: np.ndarray,
+                      labels: Optional[np.ndarray], path) -> None:
   """The PNG grid of ``--mode sample``: one class per row for random labels, else the first 100."""
-  k = guidance.num_classes(config)
-  if labels is not None and int(config.sampling.get('class_label', -1)) < 0:
-    image_lib.save_grid(grid_by_class(images, labels, k), path, nrow=10)
+  if labels is not None and cond.class_label < 0:
+    image_lib.save_grid(grid_by_class(images, labels, cond.num_classes), path, nrow=10)
   else:
     image_lib.save_grid(images[:100], path)
 
 
 def sample(config, workdir: str) -> dict:
-  """``--mode sample``: ``config.sampling.num_samples`` samples of the latest checkpoint.
+  """``--mode sample``: ``config.sampling.num_samples`` samples of the newest checkpoint.
 
-  Writes ``workdir/samples/samples_<sampler>_<steps>.npz`` (``<steps>`` is
-  :func:`run_tag`: ``rtol<r>`` for the ODE; uint8 NHWC, key
+  The images are :meth:`diffusion_jax.Pipeline.sample`'s for ``config.seed``
+  (the same function draws them). Writes
+  ``workdir/samples/samples_<sampler>_<steps>.npz`` (``<steps>`` is
+  :meth:`samplers.SamplerSpec.tag`: ``rtol<r>`` for the ODE; uint8 NHWC, key
   ``images``; a class-conditional model adds int32 ``labels`` and
-  :func:`conditioning_tag` to the name) and a PNG grid
-  next to it (the first <= 100 images, or one class per row when the labels
-  are random, :func:`save_samples_grid`); prints and
+  :func:`conditioning_tag` to the name) and a PNG grid next to it (the first
+  <= 100 images, or one class per row when the labels are random); prints and
   returns both paths (dict keys ``npz`` and ``png``) and the checkpoint ``step``.
   """
+  from diffusion_jax import pipeline  # pylint: disable=g-import-not-at-top (it imports this module)
   workdir = rt.workdir_path(workdir)
-  model, schedule, _, step, params = rt.restore_for_eval(config, workdir)
-  name, tag = sampler_name_and_steps(config)[0], run_tag(config)
+  pipe = pipeline.Pipeline.from_workdir(workdir, config)
+  spec, cond = settings.sampler_spec(config), settings.conditioning(config)
+  T = int(config.diffusion.num_timesteps)
+  name, tag = spec.name, spec.tag(T)
   how = f'adaptive steps, {tag}' if name == 'ode' else f'{tag} steps'
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_SAMPLE)
-  images, labels = generate_labeled_samples(config, schedule, rt.apply_fn_for(model), params,
-                                            rng, int(config.sampling.num_samples),
-                                            desc=f'{name} sampling ({how})')
-  stem = f'samples_{name}_{tag}{conditioning_tag(config)}'
+  images, labels = pipe.sample_with_labels(int(config.sampling.num_samples), seed=config.seed,
+                                           desc=f'{name} sampling ({how})')
+  stem = f'samples_{name}_{tag}{conditioning_tag(cond)}'
   npz = rt.join(workdir, 'samples', f'{stem}.npz')
   png = rt.join(workdir, 'samples', f'{stem}.png')
   rt.save_npz(npz, images=images, **({} if labels is None else {'labels': labels}))
   if rt.is_main():
-    save_samples_grid(config, images, labels, png)
-  rt.say(f'Wrote {len(images)} samples ({name}, {how}) of checkpoint step {step}:\n'
+    save_samples_grid(cond, images, labels, png)
+  rt.say(f'Wrote {len(images)} samples ({name}, {how}) of checkpoint step {pipe.step}:\n'
          f'  {npz}\n  {png}')
-  return dict(npz=npz, png=png, step=step)
+  return dict(npz=npz, png=png, step=pipe.step)
 
 
-def parse_sample_sets(spec: str, num_timesteps: int) -> list[tuple[str, str, int]]:
-  """``'ancestral,ddim50,pc100'`` -> ``[(label, sampler, steps), ...]``.
-
-  ``ancestral`` always runs T steps; ``ddim<N>`` / ``pc<N>`` run N steps (clamped
-  to T, the label then names the steps actually run). ValueError on bad names.
-  """
-  out = []
-  for item in [s.strip() for s in str(spec or '').split(',') if s.strip()]:
-    m = re.fullmatch(r'(ancestral|ddim|pc)(\d*)', item)
-    if not m or (m.group(1) == 'ancestral' and m.group(2)) or (m.group(1) != 'ancestral'
-                                                               and not m.group(2)):
-      raise ValueError(f'eval.sample_sets: bad entry {item!r}; use ancestral, ddim<steps> or '
-                       'pc<steps> (e.g. "ancestral,ddim50").')
-    kind = m.group(1)
-    steps = num_timesteps if kind == 'ancestral' else min(int(m.group(2)), num_timesteps)
-    if steps < 1:
-      raise ValueError(f'eval.sample_sets: {item!r} needs at least one step.')
-    label = kind if kind == 'ancestral' else f'{kind}{steps}'
-    out.append((label, kind, steps))
-  return out
-
-
-def conditioning_tag(config) -> str:
+def conditioning_tag(cond: guidance.Conditioning) -> str:
   """``''`` unconditional; else ``'_w<guidance_scale>'`` (+ ``'_y<class_label>'`` for a fixed class)."""
-  if not guidance.num_classes(config):
+  if not cond.conditional:
     return ''
-  label = int(config.sampling.get('class_label', -1))
-  w = float(config.sampling.get('guidance_scale', 0.0))
-  return f'_w{w:g}' + (f'_y{label}' if label >= 0 else '')
-
-
-def sample_set(config, workdir: str, schedule: Schedule, apply_fn: rt.ApplyFn, params, step: int,
-               label: str, sampler: str, steps: int, num: int) -> np.ndarray:
-  """``num`` uint8 samples of one sample set, cached in ``eval/samples_<label>_step<step>.npz``."""
-  return labeled_sample_set(config, workdir, schedule, apply_fn, params, step, label, sampler,
-                            steps, num)[0]
+  return f'_w{cond.guidance_scale:g}' + (f'_y{cond.class_label}' if cond.class_label >= 0 else '')
 
 
 def labeled_sample_set(config, workdir: str, schedule: Schedule, apply_fn: rt.ApplyFn, params,
                        step: int, label: str, sampler: str, steps: int, num: int):
-  """(images, labels or None) of :func:`sample_set`.
+  """(images, labels or None): ``num`` samples of one sample set, cached in ``eval/``.
 
-  A class-conditional config's cache name carries :func:`conditioning_tag`
-  (``eval/samples_<label>_w<w>[_y<k>]_step<step>.npz``, with ``labels``).
+  The cache is ``eval/samples_<label>_step<step>.npz``; a class-conditional
+  config's name carries :func:`conditioning_tag` (``..._w<w>[_y<k>]_step<step>.npz``,
+  with ``labels``).
   """
-  name = label + conditioning_tag(config)
+  cond = settings.conditioning(config)
+  name = label + conditioning_tag(cond)
   path = rt.join(workdir, 'eval', f'samples_{name}_step{step}.npz')
-  conditional = guidance.num_classes(config) > 0
   if rt.cached(path):
     cached = rt.load_npz(path)
-    if cached['images'].shape[0] >= num and (not conditional or 'labels' in cached):
+    if cached['images'].shape[0] >= num and (not cond.conditional or 'labels' in cached):
       rt.say(f'  {name}: reusing {path}')
-      return cached['images'][:num], (cached['labels'][:num] if conditional else None)
-  cfg = config.copy_and_resolve_references()
-  cfg.sampling.sampler = sampler
-  cfg.sampling.num_steps = steps
+      return cached['images'][:num], (cached['labels'][:num] if cond.conditional else None)
+  spec = settings.sampler_spec(config).replace(name=sampler, num_steps=steps)
+  if sampler == 'ancestral':   # a sample set's ancestral chain runs every step
+    spec = spec.replace(num_steps=0)
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_SETS),
                            sampling.SAMPLERS.index(sampler) * 100_000 + steps)
-  images, labels = generate_labeled_samples(cfg, schedule, apply_fn, params, rng, num,
-                                            desc=f'  {name}')
+  images, labels = generate_labeled_samples(
+      spec, cond, schedule, apply_fn, params, rng, num, image_shape=settings.image_shape(config),
+      batch_size=config.sampling.batch_size, desc=f'  {name}')
   rt.save_npz(path, images=images, **({} if labels is None else {'labels': labels}))
   if rt.is_main():
-    save_samples_grid(config, images, labels, rt.join(workdir, 'eval', f'samples_{name}.png'))
+    save_samples_grid(cond, images, labels, rt.join(workdir, 'eval', f'samples_{name}.png'))
   return images, labels
