@@ -135,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   inpaint.num_images = 100
   inpaint.split = 'test'
   inpaint.method = 'repaint'      # repaint (Lugmayr et al. 2022) | replace (score_sde's baseline)
-  inpaint.resample = 30           # repaint: resamplings per jump (docs/editing.md: 30 keeps 74.5% of digit classes)
+  inpaint.resample = 30           # repaint: resamplings per jump (docs/editing.md: 30 keeps 75.5% of digit classes)
   inpaint.jump_length = 5         # repaint: steps per jump back
   inpaint.num_steps = 50          # the walk on min(this, T) evenly spaced timesteps (0: all T)
   inpaint.eta = -1.0              # -1: the ancestral step (RePaint); >= 0: DDIM steps with this eta
