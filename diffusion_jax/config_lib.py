@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- sampling -------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = 'ancestral'  # ancestral | ddim | pc | dpm_solver | ode
-  sampling.num_steps = 1000       # ddim / pc / dpm_solver: number of steps (model calls); ancestral: always T
+  sampling.num_steps = 1000       # ddim / pc / dpm_solver: number of steps (model calls); ancestral: ignored (ancestral_steps)
   sampling.ancestral_steps = 0     # ancestral: 0 = all T steps; n < T = respaced to n steps (iDDPM §4)
   sampling.solver_order = 2       # dpm_solver: DPM-Solver++ multistep order, 1..3 (1 = DDIM, eta 0)
   sampling.ode_rtol = 1e-5        # ode: probability-flow ODE tolerances (diffrax, adaptive step)
