@@ -1,8 +1,7 @@
 """The AOT (deviceless TPU compile) table, from the JSON reports of ``python -m diffusion_jax.aot``.
 
     python benchmarks/aot_table.py                       # benchmarks/results/aot_*.json
-    python benchmarks/aot_table.py --short               # fewer columns (docs/performance.md's)
-    python benchmarks/aot_table.py --short --update docs/performance.md
+    python benchmarks/aot_table.py --short               # fewer columns
     python benchmarks/aot_table.py --update benchmarks/RESULTS.md [--short] [paths ...]
 
 Prints one Markdown row per report: every figure is read from the JSON files,
@@ -74,7 +73,7 @@ COLUMNS = (
 
 
 def table(reports, short: bool = False) -> str:
-  """The Markdown table of ``reports`` (all columns, or docs/performance.md's with ``short``)."""
+  """The Markdown table of ``reports`` (all columns, or fewer with ``short``)."""
   columns = [(name, fn) for name, fn, in_short in COLUMNS if in_short or not short]
   if short:
     columns = [(n, (lambda r: _memory(r, detail=False)) if n == 'memory GiB/device' else fn)
@@ -123,9 +122,10 @@ def main():
   here = os.path.dirname(os.path.abspath(__file__))
   parser.add_argument('paths', nargs='*',
                       default=sorted(glob.glob(os.path.join(here, 'results', 'aot_*.json'))))
-  parser.add_argument('--short', action='store_true', help="the columns of docs/performance.md's table")
-  parser.add_argument('--update', help=f'replace the {BEGIN} block of this file (docs/performance.md, '
-                      'benchmarks/RESULTS.md)')
+  parser.add_argument('--short', action='store_true',
+                      help='fewer columns: no devices, dtype, compile time or memory breakdown')
+  parser.add_argument('--update', help=f'replace the {BEGIN} block of this file '
+                      '(benchmarks/RESULTS.md)')
   args = parser.parse_args()
   reports = []
   for path in args.paths:

@@ -7,6 +7,8 @@ parameters built from the eval_shape'd tree (no slow initialisation).
 
 import importlib.util
 import pathlib
+import subprocess
+import sys
 import warnings
 
 import chex
@@ -15,16 +17,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffusion_jax import models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 PAPER_256 = ('celeba_hq256', 'lsun_church256', 'lsun_bedroom256', 'lsun_cat256')
 PAPER = ('cifar10',) + PAPER_256
-ALL = PAPER + ('mnist', 'digits')
+SMALL = ('mnist', 'digits', 'folder_small')
+ALL = PAPER + SMALL
 
 # Measured with jax.eval_shape; the reference implementation's counts.
 PARAM_COUNTS = {'cifar10': 35_746_307, **{n: 113_673_219 for n in PAPER_256}}
+# Measured with jax.eval_shape: digits' U-Net with 3 channels in and out.
+FOLDER_SMALL_PARAMS = 1_113_955
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
@@ -77,11 +83,13 @@ def test_config_has_schema(name):
 
 
 @pytest.mark.parametrize('name', ALL)
-def test_config_passes_project_validation(name):
+def test_config_passes_project_validation(name, tmp_path):
   """The other sections are checked by their owners' validators."""
   from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax import data  # pylint: disable=g-import-not-at-top
   config = load_config(name)
+  if config.data.name == 'image_folder':   # the folder is given on the command line
+    config.data.data_dir = str(tmp_path)
   config_lib.validate_config(config)
   data.validate_data_config(config, process_count=1, num_devices=1)
   with warnings.catch_warnings():
@@ -145,6 +153,51 @@ def test_small_configs_fit_a_cpu():
   assert tuple(mnist.model.ch_mult) == (1, 2, 2)  # 28 -> 14 -> 7
 
 
+def test_folder_small_is_the_digits_model_on_16x16_rgb():
+  """configs/folder_small.py: digits' U-Net and recipe on an image folder, DDIM grids."""
+  config, digits = load_config('folder_small'), load_config('digits')
+  assert config.data.name == 'image_folder' and config.data.data_dir is None
+  assert (config.data.image_size, config.data.num_channels) == (16, 3)
+  for key in ('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'dropout'):
+    assert config.model[key] == digits.model[key], key
+  assert config.optim.to_dict() == digits.optim.to_dict()
+  assert config.diffusion.to_dict() == digits.diffusion.to_dict()
+  assert 1_000 <= config.training.num_train_steps <= 5_000   # a few thousand
+  assert (config.sampling.sampler, config.sampling.num_steps) == ('ddim', 50)
+  variables, _, _ = _abstract_variables(models.create_model(config), config)
+  count = models.count_params(variables['params'])
+  assert count == FOLDER_SMALL_PARAMS, count
+  # Only the channels of the image differ from digits' (1 -> 3): the first conv
+  # (3x3, C -> 32) gains 2 x 9 x 32 weights, the last (3x3, 32 -> C, a bias per
+  # output channel) 2 x (9 x 32 + 1).
+  assert count - models.count_params(
+      _abstract_variables(models.create_model(digits), digits)[0]['params']) == (
+          2 * 3 * 3 * 32 + 2 * (3 * 3 * 32 + 1))
+
+
+@pytest.mark.slow
+def test_folder_small_readme_command_trains_on_a_folder(tmp_path):
+  """The README's own-images command, as written, for 2 steps on a folder of 64 PNGs."""
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(64):   # not square and not 16x16: cropped and resized
+    Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(
+        folder / f'{i:02d}.png')
+  workdir = tmp_path / 'mine'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'diffusion_jax.main', '--config', str(CONFIG_DIR / 'folder_small.py'),
+       '--workdir', str(workdir), f'--config.data.data_dir={folder}',
+       '--config.training.num_train_steps=2'],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / 'checkpoints' / '2').is_dir()
+  grid = Image.open(workdir / 'samples' / 'samples_00000002.png')
+  # An 8x8 grid of 16x16 RGB images with 1-pixel borders, scaled by an integer.
+  assert grid.mode == 'RGB' and grid.size[0] == grid.size[1]
+  assert grid.size[0] % (8 * (16 + 1) + 1) == 0, grid.size
+
+
 # --- model size and output shapes ---------------------------------------------
 
 @pytest.mark.parametrize('name', PAPER)
@@ -175,7 +228,7 @@ def test_full_size_output_shapes(name):
 
 
 # Small image sizes that still reach every level and the 16x16 attention.
-_REDUCED_SIZE = {'cifar10': 16, 'mnist': 28, 'digits': 8,
+_REDUCED_SIZE = {'cifar10': 16, 'mnist': 28, 'digits': 8, 'folder_small': 16,
                  **{n: 32 for n in PAPER_256}}
 
 
