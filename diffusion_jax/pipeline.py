@@ -115,14 +115,14 @@ class Pipeline:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params, *, step: Optional[int] = None,
-               source: str = ''):
+               source: str = '', module=None, schedule=None):
     settings.check(config, 'sample')
     self.config = config
     self.params = params
     self.step = step
     self.source = source
-    self.module = models.create_model(config)
-    self.schedule = schedule_lib.schedule_from_config(config)
+    self.module = models.create_model(config) if module is None else module
+    self.schedule = schedule_lib.schedule_from_config(config) if schedule is None else schedule
     self.image_shape = settings.image_shape(config)
     self._apply_fn = runner.apply_fn_for(self.module)
     self._cache: dict = {}
@@ -131,9 +131,10 @@ class Pipeline:
   def from_workdir(cls, workdir, config, *, step: Optional[int] = None,
                    use_ema: Optional[bool] = None) -> 'Pipeline':
     """The pipeline of ``workdir``'s checkpoint with ``config`` (the command line's modes use this)."""
-    _, _, _, step, params = rt.restore_for_eval(config, rt.workdir_path(workdir), step=step,
-                                                use_ema=use_ema)
-    return cls(config, params, step=step, source=rt.workdir_path(workdir))
+    module, schedule, _, step, params = rt.restore_for_eval(
+        config, rt.workdir_path(workdir), step=step, use_ema=use_ema)
+    return cls(config, params, step=step, source=rt.workdir_path(workdir), module=module,
+               schedule=schedule)
 
   def __repr__(self) -> str:
     return (f'Pipeline({self.source or "in memory"}, step={self.step}, '

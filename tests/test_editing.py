@@ -203,8 +203,8 @@ def _tiny_digits(**overrides):
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-  def restore(config, workdir):
-    del workdir
+  def restore(config, workdir, **kw):
+    del workdir, kw
     return _PointModel(S), S, None, 7, {}
   monkeypatch.setattr(editing_cli.rt, 'restore_for_eval', restore)
 
