@@ -9,6 +9,9 @@ The digits config is embedded here too (:func:`digits_config`) so that
 
 import ml_collections
 
+# The workdir's saved config: completion and overrides (their own module, named here).
+from diffusion_jax.config_overrides import FROZEN_KEYS, apply_overrides, complete  # pylint: disable=unused-import
+
 
 LR_DECAYS = ('none', 'cosine')
 # diffusion.loss_weighting: 'none' is diffusion.training_losses' weighting=None.
