@@ -51,7 +51,8 @@ def _coerced(dotted: str, value, current):
   else:
     ok = isinstance(value, expected)
   if not ok:
-    raise ValueError(f'config key {dotted!r} takes a {expected.__name__}'
+    name = expected.__name__
+    raise ValueError(f'config key {dotted!r} takes {"an" if name[0] in "aeiou" else "a"} {name}'
                      f'{" or None" if optional else ""}, got {value!r}.')
   return value
 

@@ -122,6 +122,9 @@ def parse_flags(argv):
   try:
     argv = FLAGS.read_flags_from_files(argv, force_gnu=False)   # --flagfile
     aliased = aliased_argv(argv)
+  except (flags.Error, OSError, ValueError) as e:
+    fail(e)
+  try:
     _define_flags(FLAGS, aliased)
     rest = FLAGS(aliased)
     FLAGS.config.get('seed')   # a --config file that failed to load raises here
