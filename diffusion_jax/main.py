@@ -77,6 +77,11 @@ def _config_file_arg(argv) -> str | None:
   return None
 
 
+def _unaliased(arg: str) -> str:
+  """``--default_config.KEY...`` as ``--config.KEY...`` (``--no`` kept); other args unchanged."""
+  return _ALIAS.sub(lambda m: m.group(1) + 'config.', arg)
+
+
 def aliased_argv(argv) -> list:
   """``argv`` with ``--default_config.KEY`` written as ``--config.KEY`` (the old spelling).
 
@@ -84,15 +89,12 @@ def aliased_argv(argv) -> list:
   where it would not take effect.
   """
   config_file = _config_file_arg(argv)
-  out = []
   for arg in argv:
-    m = _ALIAS.match(arg)
-    if m and config_file is not None:
+    if _ALIAS.match(arg) and config_file is not None:
       raise ValueError(f'{arg} would not take effect next to --config {config_file}: '
                        '--default_config. overrides only the embedded default config; write '
-                       f'it as {_ALIAS.sub(lambda g: g.group(1) + "config.", arg)}.')
-    out.append(_ALIAS.sub(lambda g: g.group(1) + 'config.', arg) if m else arg)
-  return out
+                       f'it as {_unaliased(arg)}.')
+  return [_unaliased(arg) for arg in argv]
 
 
 def _flag_error_message(error: Exception, argv) -> str:
@@ -113,7 +115,7 @@ def _flag_error_message(error: Exception, argv) -> str:
   for arg in argv:   # absl names the flag as parsed: put back the user's --default_config.KEY
     name = arg.split('=', 1)[0]
     if _ALIAS.match(name):
-      text = text.replace(_ALIAS.sub(lambda g: g.group(1) + 'config.', name), name)
+      text = text.replace(_unaliased(name), name)
   return text
 
 
