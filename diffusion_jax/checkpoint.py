@@ -197,8 +197,9 @@ def _check_matches(manager: ocp.CheckpointManager, step: int, target_state: Any)
     raise CheckpointMismatchError(
         f'checkpoint {manager.directory}/{step} holds {len(saved)} arrays, the config gives '
         f'{len(wanted)} (first differences, (shape, dtype): {diff}): it was written with another '
-        'model/optimiser config. Use the config it was trained with (DIR/config.json) or a new '
-        '--workdir.')
+        'model/optimiser config. Drop --config so that the workdir\'s own config '
+        f'({workdir_lib.as_path(manager.directory).parent / workdir_lib.CONFIG_FILE}) is used, '
+        'or pass a new --workdir.')
 
 
 def _restore_step(manager, step: int, target_state: Any, check_data: Optional[Callable]):

@@ -9,6 +9,9 @@ The digits config is embedded here too (:func:`digits_config`) so that
 
 import ml_collections
 
+# The workdir's saved config: completion and overrides (their own module, named here).
+from diffusion_jax.config_overrides import FROZEN_KEYS, apply_overrides, complete  # pylint: disable=unused-import
+
 
 LR_DECAYS = ('none', 'cosine')
 # diffusion.loss_weighting: 'none' is diffusion.training_losses' weighting=None.
@@ -375,26 +378,3 @@ def validate_conditioning(config) -> None:
     raise ValueError(f'sampling.guidance_scale={w} needs a class-conditional model '
                      '(model.num_classes > 0); use 0.')
 
-
-# --- TEMPORARY (replaced by the command-line config work) ---------------------------------
-FROZEN_KEYS = ()
-
-
-def complete(config):
-  base = base_config()
-  base.update(ml_collections.ConfigDict(dict(config)) if not isinstance(config, ml_collections.ConfigDict) else config)
-  return base
-
-
-def apply_overrides(config, overrides, *, trained: bool):
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    message = unknown_key_message(config, key)
-    if message:
-      raise ValueError(message)
-    node = config
-    *parents, last = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return config

@@ -9,8 +9,8 @@ writes a step-0 checkpoint into ``W/checkpoints`` in the format of
 :mod:`diffusion_jax.train` (items ``state``, a ``TrainState`` whose ``params``
 and ``ema_params`` are the imported weights, and ``data``), plus
 ``W/config.json``. ``python -m diffusion_jax.main --workdir W --mode sample``
-and ``--mode eval`` then run on W unchanged (pass the same ``--config``, and
-the same overrides). The model section comes from the diffusers config, every
+and ``--mode eval`` then run on W unchanged (without ``--config`` they use
+``W/config.json``). The model section comes from the diffusers config, every
 other setting from ``--config`` (default: the paper's, ``config_lib.base_config``).
 
 ``to-diffusers`` exports the EMA parameters of W's latest checkpoint as a

@@ -1,12 +1,20 @@
-r"""Entry point: ``python -m diffusion_jax.main --config configs/<name>.py --workdir DIR``.
+r"""Entry point: ``python -m diffusion_jax.main [--config configs/<name>.py] --workdir DIR``.
 
 Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
 ``sample`` (images from the EMA parameters of the latest checkpoint),
 ``eval`` (bits/dim, rate-distortion, progressive figures, FID), ``inpaint``
 (RePaint completions of a split's images, config section ``inpaint``) and
-``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`). With no
-``--config`` the embedded digits configuration is used. Override any key with
-``--config.section.key=value``.
+``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`).
+
+One config flag: ``--config`` is a ``configs/<name>.py`` file, by default the
+embedded digits config, and ``--config.section.key=value`` overrides any key,
+with or without a file (``--default_config.section.key=value`` is accepted as
+an alias when no ``--config`` file is given). Without a ``--config`` file, a
+workdir that holds a ``config.json`` (written by training) runs with that
+config, the overrides applied on top (``config_lib.apply_overrides``): every
+mode, training too (it resumes with the saved config and writes the merged one
+back). Overrides that would change the network or the diffusion process of a
+trained workdir (``config_lib.FROZEN_KEYS``) are refused.
 
 Bad input (flags, config keys and values, a missing config file or data set,
 an unusable workdir, sample/eval without a checkpoint) ends with one line
@@ -31,20 +39,27 @@ FLAGS = flags.FLAGS
 MODES = ('train', 'sample', 'eval', 'inpaint', 'edit')
 USAGE_EXIT_CODE = 2
 _OVERRIDE = re.compile(r'^--?(no)?(config|default_config)\.([\w.]+)')
+_ALIAS = re.compile(r'^(--?(?:no)?)default_config\.')
+# The default of --config: a config file whose get_config() is config_lib.digits_config().
+EMBEDDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded_config.py')
 
 
-def _define_flags() -> None:
-  """Defines the flags once. ml_collections applies config overrides from sys.argv here already."""
-  if 'workdir' in FLAGS:
+def _define_flags(flag_values, argv) -> None:
+  """Defines the flags once; ml_collections reads the ``--config.*`` overrides from ``argv``."""
+  if 'workdir' in flag_values:
     return
   flags.DEFINE_string('workdir', 'runs/digits',
                       'Directory (any etils.epath path, e.g. gs://...) for checkpoints, samples '
-                      'and logs.')
-  flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.')
-  config_flags.DEFINE_config_file('config', None, 'Path to a configs/<name>.py file.',
-                                  lock_config=True)
-  config_flags.DEFINE_config_dict('default_config', config_lib.digits_config(),
-                                  'The embedded default (digits), used when --config is not given.')
+                      'and logs.', flag_values=flag_values)
+  flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.', flag_values=flag_values)
+  config_flags.DEFINE_config_file(
+      'config', EMBEDDED_CONFIG,
+      'A configs/<name>.py file (default: the embedded digits config). Override any key with '
+      '--config.section.key=value, with or without a file. Without a file, a --workdir that '
+      'holds a config.json uses that config (the overrides apply on top; network and schedule '
+      'keys of a trained workdir cannot change). --default_config.section.key=value is an '
+      'alias of --config.section.key=value when no --config file is given.',
+      flag_values=flag_values, lock_config=True, sys_argv=argv)
 
 
 def fail(message, code: int = USAGE_EXIT_CODE):
@@ -62,6 +77,26 @@ def _config_file_arg(argv) -> str | None:
   return None
 
 
+def _unaliased(arg: str) -> str:
+  """``--default_config.KEY...`` as ``--config.KEY...`` (``--no`` kept); other args unchanged."""
+  return _ALIAS.sub(lambda m: m.group(1) + 'config.', arg)
+
+
+def aliased_argv(argv) -> list:
+  """``argv`` with ``--default_config.KEY`` written as ``--config.KEY`` (the old spelling).
+
+  Raises ValueError for ``--default_config.KEY`` next to a ``--config`` file,
+  where it would not take effect.
+  """
+  config_file = _config_file_arg(argv)
+  for arg in argv:
+    if _ALIAS.match(arg) and config_file is not None:
+      raise ValueError(f'{arg} would not take effect next to --config {config_file}: '
+                       '--default_config. overrides only the embedded default config; write '
+                       f'it as {_unaliased(arg)}.')
+  return [_unaliased(arg) for arg in argv]
+
+
 def _flag_error_message(error: Exception, argv) -> str:
   """One line for a flag-parsing failure: the unknown key, missing file, or absl's own message."""
   config_file = _config_file_arg(argv)
@@ -76,25 +111,96 @@ def _flag_error_message(error: Exception, argv) -> str:
       if message:
         return f'{message} (in {arg})'
   text = str(error).strip().splitlines()
-  return text[0] if text else type(error).__name__
-
-
-def selected_config():
-  """``--config`` if given, else ``--default_config`` (the embedded digits config)."""
-  return FLAGS.config if FLAGS.config is not None else FLAGS.default_config
+  text = text[0] if text else type(error).__name__
+  for arg in argv:   # absl names the flag as parsed: put back the user's --default_config.KEY
+    name = arg.split('=', 1)[0]
+    if _ALIAS.match(name):
+      text = text.replace(_unaliased(name), name)
+  return text
 
 
 def parse_flags(argv):
   """absl's flag parsing, with every failure as one ``error:`` line and exit code 2."""
   try:
-    _define_flags()
-    rest = FLAGS(argv)
-    selected_config().get('seed')   # a --config file that failed to load raises here
+    argv = FLAGS.read_flags_from_files(argv, force_gnu=False)   # --flagfile
+    aliased = aliased_argv(argv)
+  except (flags.Error, OSError, ValueError) as e:
+    fail(e)
+  try:
+    _define_flags(FLAGS, aliased)
+    rest = FLAGS(aliased)
+    FLAGS.config.get('seed')   # a --config file that failed to load raises here
   except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:
     fail(_flag_error_message(e, argv))
   if len(rest) > 1:
     fail(f'unexpected arguments {rest[1:]}; flags are --name=value.')
   return rest
+
+
+def _has_checkpoint(workdir) -> bool:
+  """Whether ``workdir`` holds a checkpoint (False where it cannot be looked at: preflight says why)."""
+  from diffusion_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(ckpt.intact_steps(ckpt.checkpoint_dir(workdir)))
+  except Exception:  # pylint: disable=broad-except  (epath backends raise many types)
+    return False
+
+
+def _exists(path) -> bool:
+  try:
+    return path.exists()
+  except Exception:  # pylint: disable=broad-except  (as _has_checkpoint)
+    return False
+
+
+def resolve_config(flag_config, overrides, *, config_file: bool, workdir):
+  """The config a run uses; raises ValueError with a one-line message.
+
+  * a ``--config`` file (``config_file``): ``flag_config``, that file with the
+    overrides (the workdir's checkpoint must match it);
+  * else a workdir with a ``config.json``: that config (the model's) with
+    ``overrides`` (``{'section.key': value}``) set by
+    ``config_lib.apply_overrides``, refusing a changed network or schedule
+    when the workdir holds a checkpoint;
+  * else ``flag_config``: the embedded digits config with the overrides
+    (a new workdir). A checkpoint without ``config.json`` is an error.
+  """
+  if config_file:
+    return flag_config
+  from diffusion_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  trained = _has_checkpoint(workdir)
+  path = workdir_lib.as_path(workdir) / workdir_lib.CONFIG_FILE
+  try:
+    if not _exists(path):
+      if trained:
+        raise workdir_lib.WorkdirConfigError(f'{path} does not exist')
+      return flag_config
+    saved = workdir_lib.read_config(workdir)
+  except workdir_lib.WorkdirConfigError as e:
+    raise workdir_lib.WorkdirConfigError(
+        f'{e}; it is the config of the model in {workdir_lib.as_path(workdir)}: pass the config '
+        'it was trained with as --config FILE.') from e
+  return config_lib.apply_overrides(saved, overrides, trained=trained)
+
+
+def command_line_config(flag_values=FLAGS):
+  """:func:`resolve_config` for parsed flags (``--config``, its overrides, ``--workdir``)."""
+  return resolve_config(flag_values.config, flag_values['config'].override_values,
+                        config_file=bool(flag_values['config'].present),
+                        workdir=flag_values.workdir)
+
+
+def config_from_argv(argv):
+  """The config ``python -m diffusion_jax.main`` runs with for ``argv`` (``argv[0]`` the program).
+
+  Parses into a fresh set of flags (the process's flags stay as they are);
+  raises what parsing or :func:`resolve_config` raises.
+  """
+  flag_values = flags.FlagValues()
+  argv = aliased_argv(argv)
+  _define_flags(flag_values, argv)
+  flag_values(argv)
+  return command_line_config(flag_values)
 
 
 def initialize_distributed(config) -> None:
@@ -184,7 +290,10 @@ def main(argv):
   del argv  # checked by parse_flags
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  config = selected_config()
+  try:
+    config = command_line_config(FLAGS)
+  except ValueError as e:   # WorkdirConfigError, an unknown or refused override
+    fail(e)
   from diffusion_jax import host  # pylint: disable=g-import-not-at-top
   host.configure_cpu_devices(config)   # before JAX starts its backends
   initialize_distributed(config)

@@ -4,15 +4,20 @@ Everything written into a workdir goes through ``epath`` (orbax's own path
 library), never through ``open``, ``os.path`` or ``os.makedirs``, so that a
 remote workdir works exactly like a local one. Layout::
 
-  DIR/config.json      the resolved config (written before training starts)
+  DIR/config.json      the resolved config (written before training starts): the
+                       model's config, read back by :func:`read_config`
   DIR/checkpoints/     orbax, one folder per step; damaged ones in checkpoints/damaged/<step>
   DIR/tensorboard/     event files
   DIR/samples/         PNG grids and .npz files
   DIR/eval/            evaluation outputs
 """
 
-from etils import epath
+import json
 
+from etils import epath
+import ml_collections
+
+from diffusion_jax import config_lib
 from diffusion_jax import storage
 
 CONFIG_FILE = 'config.json'
@@ -20,6 +25,10 @@ CONFIG_FILE = 'config.json'
 
 class WorkdirError(OSError):
   """The workdir cannot be used (not writable, not a folder, ...); the message says why."""
+
+
+class WorkdirConfigError(ValueError):
+  """A workdir's ``config.json`` is missing or damaged; the one-line message names the file."""
 
 
 def as_path(workdir) -> epath.Path:
@@ -57,12 +66,33 @@ def prepare(workdir, config_json: str) -> epath.Path:
   return path
 
 
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """The workdir's ``config.json`` as a locked ConfigDict (completed by ``config_lib.complete``).
+
+  Raises WorkdirConfigError (one line naming the file) when it is missing,
+  unreadable, not JSON, or not a config (a wrong shape, an unknown key, a
+  value of the wrong type).
+  """
+  path = as_path(workdir) / CONFIG_FILE
+  try:
+    if not path.exists():
+      raise WorkdirConfigError(f'{path} does not exist')
+    text = path.read_text()
+  except WorkdirConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
+    raise WorkdirConfigError(f'cannot read {path} ({type(e).__name__}: {_first_line(e)})') from e
+  try:
+    values = json.loads(text)
+  except ValueError as e:
+    raise WorkdirConfigError(f'{path} is damaged: not JSON ({_first_line(e)})') from e
+  try:
+    return config_lib.complete(values)
+  except ValueError as e:
+    raise WorkdirConfigError(f'{path} is damaged: {_first_line(e)}') from e
+
+
 def _first_line(error: Exception) -> str:
   text = str(error).strip() or type(error).__name__
   return text.splitlines()[0]
 
-
-def read_config(workdir):  # TEMPORARY
-  import json
-  from diffusion_jax import config_lib
-  return config_lib.complete(json.loads((as_path(workdir) / CONFIG_FILE).read_text()))

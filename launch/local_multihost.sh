@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two JAX processes on this machine talking over jax.distributed on 127.0.0.1,
 # each with 4 fake CPU devices: a rehearsal of a multi-host run.
-#   bash launch/local_multihost.sh WORKDIR [extra --default_config.x=y flags]
+#   bash launch/local_multihost.sh WORKDIR [extra --config.x=y flags]
 set -euo pipefail
 WORKDIR=${1:-runs/multihost}; shift || true
 PORT=${PORT:-$((20000 + RANDOM % 20000))}

@@ -104,8 +104,10 @@ def test_checkpoint_of_another_model_is_not_called_damaged(saved, tmp_path):
   workdir = _copy(saved, tmp_path)
   _, _, _, _, wider = train.setup(tiny_config(**{'model.ch': 64}))
   with ckpt.create_manager(str(workdir)) as manager:
-    with pytest.raises(ckpt.CheckpointMismatchError, match='another model/optimiser config'):
+    with pytest.raises(ckpt.CheckpointMismatchError, match='another model/optimiser config') as info:
       ckpt.restore_latest(manager, wider)
+  assert str(info.value).endswith(f"Drop --config so that the workdir's own config "
+                                  f'({workdir}/config.json) is used, or pass a new --workdir.')
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']   # nothing moved
 
 

@@ -108,8 +108,7 @@ def fid_metrics(config, workdir: str, sample_sets: dict) -> dict:
   ev = config.eval
   if not ev.inception_path:
     msg = ('FID / Inception Score skipped: eval.inception_path is not set. Set it to a local '
-           'weights file to compute them (--config.eval.inception_path=PATH, or '
-           '--default_config.eval.inception_path=PATH without --config; a .npz of '
+           'weights file to compute them (--config.eval.inception_path=PATH; a .npz of '
            "pytorch-fid's weights or a .msgpack from inception_weights.save_inception_params); "
            'nothing is downloaded. '
            f'See diffusion_jax/evaluation/inception_weights.py for how to make the file from {inception_weights.FID_WEIGHTS_NAME}.')
