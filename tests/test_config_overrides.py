@@ -117,7 +117,7 @@ def test_apply_overrides_takes_a_plain_mapping():
     ('model.attn_resolutions', ()), ('model.resamp_with_conv', False), ('model.num_groups', 8),
     ('model.num_classes', 10), ('model.name', 'dit'), ('diffusion.schedule', 'cosine'),
     ('diffusion.num_timesteps', 100), ('diffusion.beta_start', 2e-4), ('diffusion.beta_end', 0.01),
-    ('diffusion.mean_type', 'v'), ('diffusion.var_type', 'fixed_small'),
+    ('diffusion.mean_type', 'v'), ('diffusion.var_type', 'learned_range'),
 ])
 def test_apply_overrides_refuses_a_changed_network_or_schedule_of_a_trained_model(key, value):
   config = config_lib.complete(_saved())
@@ -153,3 +153,13 @@ def test_apply_overrides_names_the_bad_key(overrides, message):
   with pytest.raises(ValueError) as info:
     config_lib.apply_overrides(config_lib.digits_config(), overrides, trained=False)
   assert str(info.value).startswith(message), info.value
+
+
+def test_a_trained_model_may_switch_between_the_fixed_variances():
+  """fixed_small and fixed_large share the network and its output; learned_range does not."""
+  config = config_lib.complete(_saved())
+  assert config.diffusion.var_type == 'fixed_large'
+  out = config_lib.apply_overrides(config, {'diffusion.var_type': 'fixed_small'}, trained=True)
+  assert out.diffusion.var_type == 'fixed_small'
+  back = config_lib.apply_overrides(out, {'diffusion.var_type': 'fixed_large'}, trained=True)
+  assert back.diffusion.var_type == 'fixed_large'

@@ -262,10 +262,13 @@ def test_a_changed_network_on_a_trained_workdir_is_one_line_and_exit_2(trained, 
 
 
 def test_a_changed_schedule_of_a_trained_workdir_is_refused(trained):
-  with pytest.raises(ValueError, match=r"^diffusion.var_type='fixed_small' would not match the "
+  with pytest.raises(ValueError, match=r"^diffusion.num_timesteps=500 would not match the "
                      'trained schedule and output'):
     main.config_from_argv(['main', f'--workdir={trained}', '--mode=eval',
-                           '--config.diffusion.var_type=fixed_small'])
+                           '--config.diffusion.num_timesteps=500'])
+  config = main.config_from_argv(['main', f'--workdir={trained}', '--mode=eval',
+                                  '--config.diffusion.var_type=fixed_small'])
+  assert config.diffusion.var_type == 'fixed_small'   # the other fixed variance: same network
 
 
 def _fake_workdir(tmp_path, config_json=None, *, checkpoint=True):
