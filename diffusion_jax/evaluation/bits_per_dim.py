@@ -16,6 +16,7 @@ import numpy as np
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
+from diffusion_jax import runner
 from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.schedule import Schedule
 
@@ -31,20 +32,22 @@ def eval_images(config, num: Optional[int] = None, split: Optional[str] = None) 
   return data_lib.load_uint8(config, split, num=num).astype(np.float32) / 127.5 - 1.0
 
 
-def make_bpd_fn(config, schedule: Schedule, apply_fn: rt.ApplyFn, sharding=None) -> Callable:
-  """Jitted ``(params, x0 [B], rng, y=None) -> calc_bpd_loop(...)``, batch-sharded if ``sharding``.
+def make_bpd_fn(config, schedule: Schedule, apply_fn: rt.ApplyFn, *, batch: int,
+                devices=None) -> Callable:
+  """Jitted ``(params, rng, x0 [B], y) -> calc_bpd_loop(...)`` (:func:`runner.jit_batched`).
 
   ``y``: the true labels ``[B]`` of a class-conditional model, so the bound is
   that of p(x_0 | y) (no guidance: a guided eps is not a likelihood model).
   """
   d = config.diffusion
 
-  def fn(params, x0, rng, y=None):
+  def fn(params, rng, x0, y):
     return diffusion.calc_bpd_loop(schedule, rt.model_fn_of(apply_fn, params, y), x0, rng,
                                    mean_type=d.mean_type, var_type=d.var_type,
                                    clip_denoised=bool(d.clip_denoised))
 
-  return rt.jit_per_batch(fn, sharding, labels=bool(config.model.num_classes))
+  return runner.jit_batched(fn, batch=batch, num_batched=1,
+                            conditional=bool(config.model.num_classes), devices=devices)
 
 
 def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: np.ndarray, rng, *,
@@ -71,7 +74,7 @@ def bpd_eval(config, schedule: Schedule, apply_fn: rt.ApplyFn, params, images: n
                      f'(model.num_classes={config.model.num_classes}).')
   bs = rt.eval_batch_size(config, n, batch_size, mesh)
   sharding = rt.batch_sharding(mesh, bs)
-  fn = make_bpd_fn(config, schedule, apply_fn, sharding)
+  fn = make_bpd_fn(config, schedule, apply_fn, batch=bs, devices=rt.mesh_devices(mesh))
   T = schedule.num_timesteps
   sums = {k: np.zeros(T, np.float64) for k in ('vb', 'xstart_mse', 'mse')}
   per_ex = {k: [] for k in ('total_bpd', 'prior_bpd', 'decoder_bpd')}

@@ -10,9 +10,9 @@ quantity for the discrete chain.
 from typing import Optional
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from diffusion_jax import runner
 from diffusion_jax import sde
 from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.schedule import Schedule
@@ -45,7 +45,7 @@ def ode_bpd_eval(config, s: Schedule, apply_fn, params, images_uint8: np.ndarray
   sharding = rt.batch_sharding(mesh, bs)
   dims = int(np.prod(images_uint8.shape[1:]))
 
-  def fn(params, x, key, y=None):
+  def fn(params, key, x, y):
     deq_key, probe_key = jax.random.split(key)
     log_p, nfe = sde.ode_log_likelihood(
         s, rt.model_fn_of(apply_fn, params, y), sde.dequantize(deq_key, x), probe_key,
@@ -53,9 +53,9 @@ def ode_bpd_eval(config, s: Schedule, apply_fn, params, images_uint8: np.ndarray
         mean_type=mean_type, exact_trace=bool(config.eval.ode_bpd_exact_trace))
     return sde.bpd_from_log_p(log_p, dims), nfe
 
-  replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
-  jitted = rt.jit_per_batch(fn, sharding, labels=labels is not None,
-                            out_shardings=(sharding, replicated))
+  jitted = runner.jit_batched(fn, batch=bs, num_batched=1, conditional=labels is not None,
+                              devices=rt.mesh_devices(mesh),
+                              out=lambda data, rep: (data, rep))   # nfe: replicated
   bpd, nfe = [], []
   for (b, calls), k in rt.over_batches(jitted, params, images_uint8.astype(np.float32), rng, bs,
                                        sharding, labels=labels, desc='ODE bits/dim',

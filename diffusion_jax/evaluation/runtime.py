@@ -2,9 +2,9 @@
 
 * :func:`restore_for_eval`: the EMA parameters of the latest checkpoint (DDPM
   App. B reports every sample and metric with the EMA, decay 0.9999);
-* :func:`put` / :func:`batch_sharding` / :func:`to_host`: host batches to
-  batch-sharded device arrays over ``runner.make_mesh()`` and back;
-  :func:`jit_per_batch` and :func:`over_batches` run a per-image computation
+* :func:`put` / :func:`batch_sharding` / :func:`to_host` (of :mod:`diffusion_jax.runner`):
+  host batches to batch-sharded device arrays over ``runner.make_mesh()`` and back;
+  :func:`over_batches` runs a :func:`runner.jit_batched` per-image computation
   over a whole image set in padded, sharded batches (bits/dim, ODE bits/dim);
 * :func:`write_json`, :func:`save_npz`, :func:`write_bytes`, :func:`load_npz`:
   files under the workdir, written by process 0 only and through
@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from etils import epath
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import numpy as np
 from tqdm import tqdm
 
@@ -88,22 +88,16 @@ def eval_batch_size(config, num: int, batch_size: Optional[int], mesh: Optional[
   return round_up(bs, mesh.size) if mesh is not None else bs
 
 
-def jit_per_batch(fn: Callable, sharding, *, labels: bool, out_shardings=None) -> Callable:
-  """``jax.jit`` of ``fn(params, x, key[, y])``: x (and y) batch-sharded, params and key replicated.
-
-  Unsharded (``sharding`` None) it is a plain ``jax.jit``.
-  """
-  if sharding is None:
-    return jax.jit(fn)
-  replicated = NamedSharding(sharding.mesh, P())
-  in_shardings = (replicated, sharding, replicated) + ((sharding,) if labels else ())
-  return jax.jit(fn, in_shardings=in_shardings,
-                 out_shardings=sharding if out_shardings is None else out_shardings)
+def mesh_devices(mesh: Optional[Mesh]) -> list:
+  """The devices of ``mesh`` (None: the first device, unsharded)."""
+  return list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
 
 
 def over_batches(fn: Callable, params, images: np.ndarray, rng, batch_size: int, sharding, *,
                  labels: Optional[np.ndarray] = None, desc: str, progress: bool = True):
-  """Yields ``(fn(params, x_i, fold_in(rng, i)[, y_i]), k_i)`` over batches of ``images``.
+  """Yields ``(fn(params, fold_in(rng, i), x_i, y_i), k_i)`` over batches of ``images``.
+
+  ``fn`` is a :func:`runner.jit_batched` function with one batched input.
 
   Batch i holds images ``[i * batch_size, (i + 1) * batch_size)``, the last one
   padded by repeating its final image (:func:`pad_batch`; ``k_i`` of its rows
@@ -113,10 +107,10 @@ def over_batches(fn: Callable, params, images: np.ndarray, rng, batch_size: int,
   for i in tqdm(range(-(-n // batch_size)), desc=desc, unit='batch',
                 disable=not (progress and is_main()), dynamic_ncols=True):
     rows = slice(i * batch_size, (i + 1) * batch_size)
-    args = (params, put(pad_batch(images[rows], batch_size), sharding), jax.random.fold_in(rng, i))
-    if labels is not None:
-      args += (put(pad_batch(np.asarray(labels[rows], np.int32), batch_size), sharding),)
-    yield fn(*args), min(batch_size, n - i * batch_size)
+    y = None if labels is None else put(pad_batch(np.asarray(labels[rows], np.int32), batch_size),
+                                        sharding)
+    yield (fn(params, jax.random.fold_in(rng, i), put(pad_batch(images[rows], batch_size), sharding),
+              y), min(batch_size, n - i * batch_size))
 
 
 def write_bytes(path, data: bytes) -> None:
