@@ -311,3 +311,15 @@ def test_a_config_json_without_a_checkpoint_may_change_the_network(tmp_path):
   workdir = _fake_workdir(tmp_path, saved.to_json_best_effort(), checkpoint=False)
   config = main.config_from_argv(['main', f'--workdir={workdir}', '--config.model.ch=16'])
   assert config.model.ch == 16
+
+
+@pytest.mark.parametrize('flag,expected', [
+    ('--config.eval.parts=bogus', "error: eval.parts: unknown part(s) ['bogus']; allowed: bpd, rd,"),
+    ('--config.eval.sample_sets=ddim', "error: eval.sample_sets: bad entry 'ddim'"),
+    ('--config.eval.nfe_calls=0,5', "error: eval.nfe_calls='0,5' must be a comma-separated list"),
+])
+def test_a_bad_eval_setting_ends_before_the_checkpoint_is_restored(trained, flag, expected):
+  """The settings are read before any restore: one line, and no eval/ folder is created."""
+  proc = _main(f'--workdir={trained}', '--mode=eval', flag)
+  assert _error_line(proc).startswith(expected)
+  assert not (trained / 'eval').exists()
