@@ -348,22 +348,25 @@ def main(argv):
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
     sys.exit(2)
-  if FLAGS.config is not None:
-    config, name = FLAGS.config, config_flags.get_config_filename(FLAGS['config'])
-  else:
-    config, name = FLAGS.default_config, 'digits (embedded default)'
-  sys.exit(run(config, FLAGS.topology, config_name=name, json_path=FLAGS.json))
+  name = (config_flags.get_config_filename(FLAGS['config']) if FLAGS['config'].present
+          else 'digits (embedded default)')
+  sys.exit(run(FLAGS.config, FLAGS.topology, config_name=name, json_path=FLAGS.json))
 
 
-def _define_flags():
-  """The command's flags (defined only when run as a command: main.py has --config too)."""
+def _define_flags(argv):
+  """The command's flags (defined only when run as a command: main.py has --config too).
+
+  One config flag, as in ``python -m diffusion_jax.main``: ``--config`` defaults to
+  the embedded digits config, ``--config.section.key=value`` works with or
+  without a file, and ``--default_config.section.key=value`` is its alias.
+  """
   from absl import flags
   from ml_collections import config_flags
-  from diffusion_jax import config_lib
-  config_flags.DEFINE_config_dict('default_config', config_lib.digits_config(),
-                                  'The embedded default (digits), used when --config is not given.')
-  config_flags.DEFINE_config_file('config', None, 'Path to a configs/<name>.py file.',
-                                  lock_config=True)
+  from diffusion_jax import main as main_lib
+  config_flags.DEFINE_config_file(
+      'config', main_lib.EMBEDDED_CONFIG,
+      'A configs/<name>.py file (default: the embedded digits config); override any key with '
+      '--config.section.key=value.', lock_config=True, sys_argv=argv)
   flags.DEFINE_string('topology', None, f'TPU topology, e.g. {", ".join(TOPOLOGY_EXAMPLES)}.')
   flags.DEFINE_string('json', None, 'Also write the report to this JSON file.')
 
@@ -374,5 +377,10 @@ if __name__ == '__main__':
   # This process only compiles: JAX itself stays on the CPU (it must not claim a
   # TPU, nor wait for one, when libtpu is installed on a machine without one).
   jax.config.update('jax_platforms', 'cpu')
-  _define_flags()
-  app.run(main)
+  from diffusion_jax import main as main_lib
+  try:
+    _argv = main_lib.aliased_argv(sys.argv)
+  except ValueError as e:
+    main_lib.fail(e)
+  _define_flags(_argv)
+  app.run(main, argv=_argv)
