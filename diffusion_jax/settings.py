@@ -133,8 +133,6 @@ def edit_settings(config) -> Edit:
 
 # --mode eval's parts, in the order they run (diffusion_jax/evaluation/evaluate.py).
 EVAL_PARTS = ('bpd', 'rd', 'figures', 'fid', 'classifier', 'guidance', 'ode_bpd', 'nfe_curve')
-# eval.sample_sets entries: ancestral, or a sampler of the table and its steps (ddim50, pc100).
-SAMPLE_SET_SAMPLERS = ('ancestral', 'ddim', 'pc')
 
 
 @dataclasses.dataclass(frozen=True)
