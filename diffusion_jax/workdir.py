@@ -2,8 +2,10 @@
 
 Everything written into a workdir goes through ``epath`` (orbax's own path
 library), never through ``open``, ``os.path`` or ``os.makedirs``, so that a
-remote workdir works exactly like a local one. Layout::
+remote workdir works exactly like a local one (the one exception: the claim's
+exclusive create on a local disk, ``os.link``, in ``claim.py``). Layout::
 
+  DIR/claim.json       while a run writes (trains) here: who (host, pid, since when); see claim.py
   DIR/config.json      the resolved config (written before training starts)
   DIR/checkpoints/     orbax, one folder per step; damaged ones in checkpoints/damaged/<step>
   DIR/tensorboard/     event files
@@ -52,9 +54,14 @@ def prepare(workdir, config_json: str) -> epath.Path:
   except (WorkdirError, storage.StorageFullError):
     raise
   except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
-    raise WorkdirError(f'cannot write to --workdir {path} ({type(e).__name__}: '
-                       f'{_first_line(e)}); pass a writable folder (local or gs://...).') from e
+    raise unwritable_error(path, e) from e
   return path
+
+
+def unwritable_error(path, error: Exception) -> WorkdirError:
+  """The one-line error for a workdir that cannot be created or written."""
+  return WorkdirError(f'cannot write to --workdir {path} ({type(error).__name__}: '
+                      f'{_first_line(error)}); pass a writable folder (local or gs://...).')
 
 
 def _first_line(error: Exception) -> str:
