@@ -450,7 +450,7 @@ def test_two_runs_a_second_apart_one_trains_the_other_exits_2_writing_nothing(tm
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
 
 
-def test_cli_honours_another_hosts_claim_then_takes_it_over_after_the_timeout(tmp_path):
+def test_cli_honours_another_hosts_claim_in_one_line_writing_nothing(tmp_path):
   workdir = tmp_path / 'run'
   now = time.time()
   data = _write(workdir, _holder(host='tpu-vm-3', pid=17, started=now - 60, renewed=now))
@@ -460,6 +460,12 @@ def test_cli_honours_another_hosts_claim_then_takes_it_over_after_the_timeout(tm
   assert out.startswith(f'error: --workdir {workdir} is in use by another run: host tpu-vm-3, '
                         f'pid 17, since {claim.utc(now - 60)} (another host; renewed ')
   assert os.listdir(workdir) == ['claim.json'] and _file_bytes(workdir) == data
+
+
+@pytest.mark.slow
+def test_cli_takes_another_hosts_claim_over_after_the_timeout_and_trains(tmp_path):
+  workdir = tmp_path / 'run'
+  now = time.time()
   _write(workdir, _holder(host='tpu-vm-3', pid=17, started=now - 60, renewed=now - 31))
   taker = _cli(workdir, **SHORT, **{'training.claim_timeout_s': 30})
   out = taker.communicate(timeout=900)[0]
