@@ -528,3 +528,23 @@ def test_sample_while_training_reads_the_newest_checkpoint_and_the_trainer_goes_
   assert 'damaged' not in out and 'error' not in out
   assert not (workdir / 'claim.json').exists()
   assert max(ckpt.intact_steps(workdir / 'checkpoints')) > sampled
+
+
+def test_on_two_hosts_a_held_workdir_stops_both_processes_with_exit_2(tmp_path):
+  """launch/local_multihost.sh (2 processes over jax.distributed): process 0 finds the claim."""
+  workdir = tmp_path / 'mh'
+  data = _write(workdir, _holder(host='tpu-vm-5', pid=23))
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  flags = [f'--default_config.{k}={v}' for k, v in {**SMALL, **SHORT}.items()
+           if k != 'training.cpu_devices']
+  proc = subprocess.run(['bash', os.path.join(REPO, 'launch', 'local_multihost.sh'),
+                         str(workdir), *flags], capture_output=True, text=True, env=env,
+                        timeout=600)
+  assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = sorted(proc.stderr.strip().splitlines())
+  assert len(lines) == 2, proc.stderr
+  assert lines[0].startswith(f'error: --workdir {workdir} is in use by another run: host '
+                             'tpu-vm-5, pid 23, since '), lines
+  assert lines[1] == (f'error: process 0 could not claim --workdir {workdir} (its error line '
+                      'says why); this process stops too.'), lines
+  assert os.listdir(workdir) == ['claim.json'] and _file_bytes(workdir) == data
