@@ -2,48 +2,44 @@
 
 A run that writes into a workdir (``--mode train``, ``train.train_and_evaluate``,
 ``convert from-diffusers``) holds the workdir's claim while it writes
-(:func:`hold`); a second writer finds the claim and stops with one line
-naming the holder, having written nothing. Readers (``--mode
-sample|eval|inpaint|edit``, ``convert to-diffusers``) take no claim: they
-restore only finished checkpoints (orbax renames a checkpoint folder into
-place when it is complete) and never block the writer.
+(:func:`hold`); a second writer finds it and stops with one line naming the
+holder, having written nothing. Readers (``--mode sample|eval|inpaint|edit``,
+``convert to-diffusers``) take no claim: they restore only finished
+checkpoints (orbax renames a checkpoint into place when it is complete) and
+never block the writer. The claim is JSON: the holder's host, pid, the pid's
+start time (``/proc/<pid>/stat``), the host's boot id and pid namespace, when
+the run started and last renewed the claim, its command line, a random token.
 
-The claim is a small JSON file: the holder's host, pid, the pid's start time
-(``/proc/<pid>/stat``), the host's boot id and pid namespace, when the run
-started, when it last renewed the claim, its command line and a random token.
-
-* Acquire (:func:`acquire`): the claim is written under a temporary name and
-  linked to ``claim.json`` with ``os.link``, which fails if the name exists,
-  so of two runs started at the same instant exactly one wins. ``os.link`` is
-  the one call on a workdir that is not ``etils.epath`` (epath has no exclusive
-  create); a non-local workdir (``gs://``) is best effort: write the claim if
-  none is there, then read it back after ``settle_s`` and keep it only if it
-  is still ours.
+* Acquire (:func:`acquire`): written under a temporary name, then linked to
+  ``claim.json`` with ``os.link``, which fails if the name exists: of runs
+  started at the same instant exactly one wins (without hard links,
+  ``O_EXCL``). These are the only calls on a workdir that bypass
+  ``etils.epath``, which has no exclusive create; a remote workdir (``gs://``)
+  is best effort: write if absent, read back after ``settle_s``, keep if ours.
 * Live or expired (:func:`assess`): a claim of this host (same host name and
-  pid namespace) lives while its process runs (the pid exists, is not a
-  zombie, started at the recorded time, on the same boot), however old it is:
-  the claim of a ``kill -9``-ed, OOM-killed or rebooted run is taken over at
-  once. A claim of another host cannot be checked: it lives until
-  ``timeout_s`` (``training.claim_timeout_s``) after its last renewal (hosts'
-  clocks are assumed to agree to well within that). A damaged claim file
-  (not a claim's JSON) counts as renewed at the file's modification time.
+  pid namespace; host names are assumed unique among the machines sharing a
+  workdir) lives while its process runs (the pid exists, is no zombie, started
+  at the recorded time, on this boot), however old: the claim of a run killed
+  by ``kill -9``, OOM or a reboot is taken over at once. Another host's
+  process cannot be checked: its claim lives until ``timeout_s``
+  (``training.claim_timeout_s``) after its last renewal (hosts' clocks are
+  assumed to agree to well within that). A damaged claim file counts as
+  renewed when it was last modified.
 * Takeover: the expired claim is renamed aside under a unique name, checked to
-  be the very claim judged expired (otherwise it is put back and looked at
-  again), and the new claim created as above. One line says whose claim was
-  taken over; a resumed run then resumes from its checkpoints as always.
-* Renew: while the claim is held a daemon thread rewrites its renewal time
-  every ``min(60 s, timeout_s / 4)`` (``storage.write_file``: temp, then
-  rename). Should it find the claim taken over by another run, it stops
-  renewing and prints one warning line.
+  be the very claim judged expired (else put back and judged again), and the
+  new one created as above; one line says whose claim was taken over.
+* Renew: a daemon thread rewrites the renewal time every ``min(60 s,
+  timeout_s / 4)`` (``storage.write_file``) while the process lives, also
+  through a long compile or a hung step: a live process may still write, so
+  it keeps its claim (stop it to free the workdir). If the claim was taken
+  over, it stops renewing and prints one warning line.
 * Release: leaving :func:`hold` in any way the process sees (the end, an
   error, SIGTERM or Ctrl-C through the preemption handler, a full disk)
-  deletes the claim if it still carries this run's token; a claim another run
-  has taken over is left alone. A process killed outright (``kill -9``, a
-  SIGTERM before the training loop installs its handler) leaves its claim,
-  which expires as above.
+  deletes the claim if it still carries this run's token, never another's. A
+  process killed outright leaves its claim, which expires as above.
 
-On several hosts process 0 alone claims, for all of them; the others learn
-the outcome (``multihost_utils.broadcast_one_to_all``) and fail the same way.
+On several hosts process 0 alone claims, for all; the others learn the
+outcome (``multihost_utils.broadcast_one_to_all``) and fail the same way.
 """
 
 import contextlib
@@ -166,20 +162,20 @@ def from_json(data: bytes) -> Holder:
     raise DamagedClaimError(f'not JSON ({type(e).__name__})') from None
   if not isinstance(fields, dict):
     raise DamagedClaimError('not a JSON object')
-  kinds = {'host': str, 'pid': int, 'started': (int, float), 'renewed': (int, float),
-           'token': str}
-  for key, kind in kinds.items():
-    value = fields.get(key)
+  number, none = (int, float), type(None)
+  kinds = {'host': (str, 'a string'), 'pid': (int, 'an integer'), 'started': (number, 'a number'),
+           'renewed': (number, 'a number'), 'token': (str, 'a string'),
+           'command': ((str, none), 'a string'), 'pid_start': ((int, none), 'an integer'),
+           'boot_id': ((str, none), 'a string'), 'pid_ns': ((str, none), 'a string')}
+  for key, (kind, words) in kinds.items():
+    value = fields.get(key, '' if key == 'command' else None)
     if isinstance(value, bool) or not isinstance(value, kind):
-      raise DamagedClaimError(f'field {key!r} missing or not a {getattr(kind, "__name__", "number")}')
+      raise DamagedClaimError(f'field {key!r} missing or not {words}')
   if fields['pid'] <= 0 or not fields['token']:
     raise DamagedClaimError('pid must be positive and token non-empty')
   known = {f.name for f in dataclasses.fields(Holder)}
-  return Holder(**{k: v for k, v in fields.items() if k in known})
-
-
-def claim_path(workdir) -> epath.Path:
-  return workdir_lib.as_path(workdir) / CLAIM_FILE
+  holder = Holder(**{k: v for k, v in fields.items() if k in known})
+  return dataclasses.replace(holder, command=holder.command or '')
 
 
 def _read_bytes(path: epath.Path) -> Optional[bytes]:
@@ -280,9 +276,27 @@ def _create(path: epath.Path, mine: Holder, *, settle_s: float) -> bool:
       os.link(os.fspath(tmp), os.fspath(path))   # atomic; fails if path exists
     except FileExistsError:
       return False
+    except OSError:   # no hard links (gcsfuse, some network file systems)
+      return _create_exclusive(path, data)
     return True
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: epath.Path, data: bytes) -> bool:
+  """``O_CREAT | O_EXCL`` (a local path; epath has no such mode). A reader may see the file
+  empty for an instant: damaged and fresh, so held. Whether this call created it."""
+  try:
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+  except BaseException:
+    path.unlink(missing_ok=True)
+    raise
+  return True
 
 
 def _token_of(data: bytes) -> Optional[str]:
@@ -314,20 +328,6 @@ def _take_over(path: epath.Path, stale: bytes, mine: Holder, *, settle_s: float)
   return _create(path, mine, settle_s=settle_s)
 
 
-def _prepare_folder(workdir) -> epath.Path:
-  """The workdir as a path, created if needed; WorkdirError if it cannot be."""
-  path = workdir_lib.as_path(workdir)
-  try:
-    if path.exists() and not path.is_dir():
-      raise workdir_lib.WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
-    path.mkdir(parents=True, exist_ok=True)
-  except workdir_lib.WorkdirError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
-    raise workdir_lib.unwritable_error(path, e) from e
-  return path
-
-
 def acquire(workdir, timeout_s: float, *, command: Optional[str] = None,
             say: Callable[[str], None] = print, settle_s: float = 1.0,
             now: Callable[[], float] = time.time) -> 'Claim':
@@ -338,7 +338,7 @@ def acquire(workdir, timeout_s: float, *, command: Optional[str] = None,
     WorkdirError: the folder cannot be created or written.
     storage.StorageFullError: the disk is full.
   """
-  folder = _prepare_folder(workdir)
+  folder = workdir_lib.create(workdir)
   path = folder / CLAIM_FILE
   here = me(command, now=now())
   for _ in range(5):

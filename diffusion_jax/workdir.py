@@ -3,7 +3,7 @@
 Everything written into a workdir goes through ``epath`` (orbax's own path
 library), never through ``open``, ``os.path`` or ``os.makedirs``, so that a
 remote workdir works exactly like a local one (the one exception: the claim's
-exclusive create on a local disk, ``os.link``, in ``claim.py``). Layout::
+exclusive create on a local disk, in ``claim.py``). Layout::
 
   DIR/claim.json       while a run writes (trains) here: who (host, pid, since when); see claim.py
   DIR/config.json      the resolved config (written before training starts)
@@ -37,6 +37,20 @@ def write_text(path: epath.Path, text: str) -> None:
   storage.write_file(path, text.encode())
 
 
+def create(workdir) -> epath.Path:
+  """The workdir as an absolute ``epath.Path``, created if needed; WorkdirError if it cannot be."""
+  path = as_path(workdir)
+  try:
+    if path.exists() and not path.is_dir():
+      raise WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
+    path.mkdir(parents=True, exist_ok=True)
+  except WorkdirError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
+    raise unwritable_error(path, e) from e
+  return path
+
+
 def prepare(workdir, config_json: str) -> epath.Path:
   """Creates the workdir if needed and writes ``config.json``; raises WorkdirError if it cannot.
 
@@ -45,13 +59,10 @@ def prepare(workdir, config_json: str) -> epath.Path:
   Returns:
     The workdir as an absolute ``epath.Path``.
   """
-  path = as_path(workdir)
+  path = create(workdir)
   try:
-    if path.exists() and not path.is_dir():
-      raise WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
-    path.mkdir(parents=True, exist_ok=True)
     write_text(path / CONFIG_FILE, config_json)
-  except (WorkdirError, storage.StorageFullError):
+  except storage.StorageFullError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
     raise unwritable_error(path, e) from e

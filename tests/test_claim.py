@@ -99,6 +99,18 @@ def test_a_live_claim_refuses_a_second_writer_in_one_line_naming_it(tmp_path):
   assert _file_bytes(tmp_path) == before and os.listdir(tmp_path) == ['claim.json']
 
 
+def test_without_hard_links_the_claim_is_created_exclusively(tmp_path, monkeypatch):
+  def no_links(src, dst):
+    raise PermissionError(1, 'Operation not permitted')   # gcsfuse, some network file systems
+
+  monkeypatch.setattr(os, 'link', no_links)
+  held = claim.acquire(str(tmp_path), TIMEOUT)
+  assert _read(tmp_path) == held.holder and os.listdir(tmp_path) == ['claim.json']
+  with pytest.raises(claim.ClaimHeldError, match='is in use by another run'):
+    claim.acquire(str(tmp_path), TIMEOUT)
+  assert held.release() and os.listdir(tmp_path) == []
+
+
 def test_renew_rewrites_only_the_renewal_time(tmp_path):
   held = claim.acquire(str(tmp_path), TIMEOUT)
   first = _read(tmp_path)
@@ -198,7 +210,9 @@ def test_another_pid_namespace_is_another_host():
     (b'[1, 2]', 'not a JSON object'),
     (b'', 'not JSON'),
     (b'{"host": "a", "pid": "12", "started": 1, "renewed": 1, "token": "t"}',
-     "field 'pid' missing or not a int"),
+     "field 'pid' missing or not an integer"),
+    (b'{"host": "a", "pid": 5, "started": 1, "renewed": 1, "token": "t", "command": 3}',
+     "field 'command' missing or not a string"),
     (b'{"host": "a", "pid": 0, "started": 1, "renewed": 1, "token": "t"}', 'pid must be positive'),
     (b'{"host": "a", "pid": 5, "started": 1, "token": "t"}', "field 'renewed' missing"),
 ])
