@@ -423,6 +423,16 @@ def test_sampling_reads_a_workdir_being_written_and_touches_nothing(tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4.orbax-checkpoint-tmp-1234']
 
 
+def test_convert_from_diffusers_is_a_writer_and_refuses_a_held_workdir(tmp_path):
+  from diffusion_jax import convert  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  held = claim.acquire(str(workdir), TIMEOUT)   # a trainer
+  tiny_unet = os.path.join(HERE, 'fixtures', 'diffusers_tiny_unet')
+  with pytest.raises(claim.ClaimHeldError, match=f'--workdir {workdir} is in use by another run'):
+    convert.from_diffusers(tiny_unet, str(workdir), tiny_config())
+  assert os.listdir(workdir) == ['claim.json'] and held.is_ours()
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 SMALL = {'model.ch': 8, 'model.ch_mult': '(1,2)', 'model.num_res_blocks': 1,
