@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 50_000
   training.num_sample_images = 64    # images in the periodic PNG grid
   training.distributed = False   # call jax.distributed.initialize() (multi-host)
+  training.claim_timeout_s = 600.0   # s: another host's claim on the workdir not renewed this long is taken over (claim.py)
   training.cpu_devices = 0       # CPU only: JAX devices the cores are split into (0: one per core dividing the batch; -1: leave JAX's default)
 
   # --- sampling -------------------------------------------------------------
@@ -307,6 +308,7 @@ def validate_config(config) -> None:
   for key in ('batch_size', 'num_train_steps', 'steps_per_call', 'log_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints', 'sample_every_steps'):
     _positive(f'training.{key}', tr[key])
+  _positive('training.claim_timeout_s', tr.claim_timeout_s)
   for key in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
     if tr[key] % tr.steps_per_call:
       raise ValueError(f'training.{key}={tr[key]} must be a multiple of '

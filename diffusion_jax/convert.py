@@ -17,7 +17,10 @@ other setting from ``--config`` (default: the paper's, ``config_lib.base_config`
 diffusers folder that ``UNet2DModel.from_pretrained(OUT)`` loads; the config
 is ``--config`` if given, else ``W/config.json``.
 
-A bad folder or config stops with one line ``error: ...`` and exit status 2.
+A bad folder or config stops with one line ``error: ...`` and exit status 2, and
+so does ``from-diffusers`` into a workdir that another run is writing (it
+claims the workdir: :mod:`diffusion_jax.claim`); ``to-diffusers`` only reads
+finished checkpoints and works while the workdir is being trained.
 """
 
 import functools
@@ -35,6 +38,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from diffusion_jax import checkpoint as ckpt
+from diffusion_jax import claim
 from diffusion_jax import config_lib
 from diffusion_jax import interop
 from diffusion_jax import models
@@ -100,12 +104,13 @@ def from_diffusers(model_dir, workdir, base=None) -> int:
   config, params = interop.load_diffusers_unet(model_dir, base)
   config_lib.validate_config(config)
   state = initial_state(config, params)
-  if jax.process_index() == 0:
-    write_config(config, workdir)
-  manager = ckpt.create_manager(str(workdir), max_to_keep=config.training.keep_checkpoints)
-  ckpt.save(manager, 0, state, None)
-  manager.wait_until_finished()
-  manager.close()
+  with claim.hold(workdir, config.training.claim_timeout_s):   # a writer: one per workdir
+    if jax.process_index() == 0:
+      write_config(config, workdir)
+    manager = ckpt.create_manager(str(workdir), max_to_keep=config.training.keep_checkpoints)
+    ckpt.save(manager, 0, state, None)
+    manager.wait_until_finished()
+    manager.close()
   return 0
 
 
@@ -139,7 +144,7 @@ def main(argv):
       out = to_diffusers(FLAGS.workdir, folder, FLAGS.config)
       print(f'Wrote the EMA parameters of {FLAGS.workdir} as a diffusers UNet2DModel: {out}',
             flush=True)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, claim.ClaimHeldError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -24,6 +24,7 @@ A full disk while writing (a checkpoint, a PNG, an output file) ends with one
 line ``error: no space left ...`` and exit code 1 (``diffusion_jax/storage.py``).
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -224,12 +225,14 @@ def initialize_distributed(config) -> None:
   jax.distributed.initialize(**kw)
 
 
-def preflight(config, mode: str, workdir) -> None:
+def preflight(config, mode: str, workdir, claims: contextlib.ExitStack | None = None) -> None:
   """Every check that can fail on bad input, before any work; raises ValueError or OSError.
 
   Config values, model, data set and batch size first (nothing is written),
   then the workdir: every mode but train needs a checkpoint (nothing is created), train
-  creates the workdir and writes ``config.json`` (WorkdirError if it cannot).
+  claims the workdir (entered into ``claims``, held until it closes; ClaimHeldError
+  if another run holds it: ``diffusion_jax/claim.py``), then creates it and writes
+  ``config.json`` (WorkdirError if it cannot).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
@@ -252,16 +255,28 @@ def preflight(config, mode: str, workdir) -> None:
   if mode != 'train':
     if ckpt.latest_step(workdir) is None:
       raise ckpt.no_checkpoint_error(workdir)
-  elif jax.process_index() == 0:
-    workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
+  else:
+    if claims is not None:   # one writer per workdir, before anything is written
+      from diffusion_jax import claim  # pylint: disable=g-import-not-at-top
+      claims.enter_context(claim.hold(workdir, config.training.claim_timeout_s))
+    if jax.process_index() == 0:
+      workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def run(config, mode: str, workdir) -> None:
-  """Runs ``mode`` after :func:`preflight`; bad input and known failures end in one line."""
+  """Runs ``mode`` after :func:`preflight`; bad input and known failures end in one line.
+
+  A writing mode's claim on the workdir is released however the run ends.
+  """
+  with contextlib.ExitStack() as claims:
+    _run(config, mode, workdir, claims)
+
+
+def _run(config, mode: str, workdir, claims: contextlib.ExitStack) -> None:
   from diffusion_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from diffusion_jax import storage  # pylint: disable=g-import-not-at-top
   try:
-    preflight(config, mode, workdir)
+    preflight(config, mode, workdir, claims)
   except storage.StorageFullError as e:   # config.json did not fit: not bad input
     fail(e, code=1)
   except (ValueError, OSError) as e:   # DatasetNotFoundError, WorkdirError, NoCheckpointError
@@ -269,7 +284,7 @@ def run(config, mode: str, workdir) -> None:
   try:
     if mode == 'train':
       from diffusion_jax import train  # pylint: disable=g-import-not-at-top
-      train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(config, workdir, claimed=True)
     elif mode in ('inpaint', 'edit'):
       from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
       (editing_cli.run_inpaint if mode == 'inpaint' else editing_cli.run_edit)(config, workdir)

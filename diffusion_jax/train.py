@@ -26,6 +26,7 @@ import optax
 from tqdm import tqdm
 
 from diffusion_jax import checkpoint as ckpt
+from diffusion_jax import claim as claim_lib
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
@@ -307,7 +308,8 @@ def _restore(manager, state, train_iter, num_train_steps: int, say):
   return state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
+                       claimed: bool = False) -> TrainState:
   """Trains (resuming from ``workdir`` when it holds a checkpoint); returns the final state.
 
   ``workdir`` is any path ``etils.epath`` accepts (local or ``gs://...``).
@@ -315,7 +317,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   ``workdir/tensorboard/`` (event files) and ``workdir/samples/*.png``.
   A full disk raises :class:`storage.StorageFullError` (one line; the
   half-written file or checkpoint removed, the earlier checkpoints intact).
+  Holds the workdir's claim while it runs (:func:`claim.hold`;
+  ``claim.ClaimHeldError`` if another run holds it) unless ``claimed``: the
+  caller holds it.
   """
+  if claimed:
+    return _train_and_evaluate(config, workdir)
+  with claim_lib.hold(workdir, config.training.claim_timeout_s):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
   tr = config.training
   model, schedule, optimizer, mesh, state = setup(config)
   is_main = jax.process_index() == 0

@@ -2,8 +2,10 @@
 
 Everything written into a workdir goes through ``epath`` (orbax's own path
 library), never through ``open``, ``os.path`` or ``os.makedirs``, so that a
-remote workdir works exactly like a local one. Layout::
+remote workdir works exactly like a local one (the one exception: the claim's
+exclusive create on a local disk, in ``claim.py``). Layout::
 
+  DIR/claim.json       while a run writes (trains) here: who (host, pid, since when); see claim.py
   DIR/config.json      the resolved config (written before training starts): the
                        model's config, read back by :func:`read_config`
   DIR/checkpoints/     orbax, one folder per step; damaged ones in checkpoints/damaged/<step>
@@ -44,6 +46,20 @@ def write_text(path: epath.Path, text: str) -> None:
   storage.write_file(path, text.encode())
 
 
+def create(workdir) -> epath.Path:
+  """The workdir as an absolute ``epath.Path``, created if needed; WorkdirError if it cannot be."""
+  path = as_path(workdir)
+  try:
+    if path.exists() and not path.is_dir():
+      raise WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
+    path.mkdir(parents=True, exist_ok=True)
+  except WorkdirError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
+    raise unwritable_error(path, e) from e
+  return path
+
+
 def prepare(workdir, config_json: str) -> epath.Path:
   """Creates the workdir if needed and writes ``config.json``; raises WorkdirError if it cannot.
 
@@ -52,17 +68,13 @@ def prepare(workdir, config_json: str) -> epath.Path:
   Returns:
     The workdir as an absolute ``epath.Path``.
   """
-  path = as_path(workdir)
+  path = create(workdir)
   try:
-    if path.exists() and not path.is_dir():
-      raise WorkdirError(f'--workdir {path} is a file, not a folder; pass a folder path.')
-    path.mkdir(parents=True, exist_ok=True)
     write_text(path / CONFIG_FILE, config_json)
-  except (WorkdirError, storage.StorageFullError):
+  except storage.StorageFullError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (epath backends raise many types)
-    raise WorkdirError(f'cannot write to --workdir {path} ({type(e).__name__}: '
-                       f'{_first_line(e)}); pass a writable folder (local or gs://...).') from e
+    raise unwritable_error(path, e) from e
   return path
 
 
@@ -90,6 +102,12 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     return config_lib.complete(values)
   except ValueError as e:
     raise WorkdirConfigError(f'{path} is damaged: {_first_line(e)}') from e
+
+
+def unwritable_error(path, error: Exception) -> WorkdirError:
+  """The one-line error for a workdir that cannot be created or written."""
+  return WorkdirError(f'cannot write to --workdir {path} ({type(error).__name__}: '
+                      f'{_first_line(error)}); pass a writable folder (local or gs://...).')
 
 
 def _first_line(error: Exception) -> str:

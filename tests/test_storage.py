@@ -29,6 +29,7 @@ from diffusion_jax import metric_writers
 from diffusion_jax import models
 from diffusion_jax import storage
 from diffusion_jax import train
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.evaluation import runtime as rt
 from test_train import TINY, tiny_config
 
@@ -127,16 +128,23 @@ def test_full_disk_during_json_and_npz_outputs_leaves_no_file(tmp_path, disk):
     assert os.listdir(tmp_path / 'eval') == []
 
 
-def test_full_disk_writing_config_json_is_one_line_and_exit_1(tmp_path, disk, capsys):
+def test_full_disk_writing_config_json_is_one_line_and_exit_1(tmp_path, disk, capsys,
+                                                              monkeypatch):
   workdir = tmp_path / 'run'
-  disk['left'] = 0
+  prepare = workdir_lib.prepare
+
+  def fill_then_prepare(*args):   # the claim (claim.json) fitted; config.json does not
+    disk['left'] = 0
+    return prepare(*args)
+
+  monkeypatch.setattr(workdir_lib, 'prepare', fill_then_prepare)
   with pytest.raises(SystemExit) as e:
     main_lib.run(tiny_config(), 'train', str(workdir))
   err = capsys.readouterr().err
   assert e.value.code == 1
   assert err.count('\n') == 1 and err.startswith(
       f'error: no space left while writing {workdir}/config.json (about ')
-  assert os.listdir(workdir) == []
+  assert os.listdir(workdir) == []   # and the claim was released
 
 
 def test_full_disk_outside_the_file_writer_is_one_line_too(tmp_path, monkeypatch, capsys):
