@@ -24,7 +24,6 @@ finished checkpoints and works while the workdir is being trained.
 """
 
 import functools
-import json
 import sys
 
 from absl import app
@@ -42,6 +41,9 @@ from diffusion_jax import claim
 from diffusion_jax import config_lib
 from diffusion_jax import interop
 from diffusion_jax import models
+from diffusion_jax import runner
+from diffusion_jax import train_state
+from diffusion_jax import workdir as workdir_lib
 
 COMMANDS = ('from-diffusers', 'to-diffusers')
 FLAGS = flags.FLAGS
@@ -53,39 +55,33 @@ flags.DEFINE_string('workdir', None, 'The workdir written (from-diffusers) or re
 
 
 def write_config(config, workdir) -> epath.Path:
-  """``workdir/config.json``: the resolved config, as ``train.py`` writes it."""
-  path = epath.Path(workdir) / 'config.json'
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  return path
+  """``workdir/config.json``: the resolved config, as ``--mode train`` writes it (temporary file, rename)."""
+  path = workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
+  return path / workdir_lib.CONFIG_FILE
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-  """The config a workdir was written with (``workdir/config.json``)."""
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: pass --config.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  """The config a workdir was written with (``workdir/config.json``, completed with the defaults)."""
+  return workdir_lib.read_config(workdir)
 
 
 def initial_state(config, params):
-  """A ``train.TrainState`` at step 0 whose ``params`` and ``ema_params`` are ``params``.
+  """A ``train_state.TrainState`` at step 0 whose ``params`` and ``ema_params`` are ``params``.
 
   It has the structure ``train.setup`` restores onto (``jax.eval_shape`` of
-  ``train.create_train_state``, replicated over ``train.make_mesh()``), with
+  ``train_state.create_train_state``, replicated over ``runner.make_mesh()``), with
   the optimiser's initial state for ``params`` and zeros elsewhere (the
   importance sampler's empty loss history); nothing is initialised randomly,
   so nothing large is compiled.
   """
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
   model = models.create_model(config)
-  optimizer = train.create_optimizer(config)
+  optimizer = train_state.create_optimizer(config)
   key = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(
-      functools.partial(train.create_train_state, config, model, optimizer), key)
+      functools.partial(train_state.create_train_state, config, model, optimizer), key)
   if jax.tree.structure(params) != jax.tree.structure(abstract.params):
     raise ValueError('the imported parameters do not have the structure of the model.')
-  replicated = NamedSharding(train.make_mesh(), P())
+  replicated = NamedSharding(runner.make_mesh(), P())
   params = jax.device_put(params, replicated)
   zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract),
                   out_shardings=replicated)()
