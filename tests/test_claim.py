@@ -298,7 +298,9 @@ def test_processes_started_at_the_same_instant_exactly_one_wins(tmp_path):
         assert out.startswith(f'HELD --workdir {workdir} is in use by another run: host '
                               f'{socket.gethostname()}, pid {won[0]}, since '), results
     said = [out for _, out in results if 'SAID' in out]
-    assert len(said) == (workdir == stale), results
+    # A racer that reads the stale claim while another has moved it aside may create a fresh
+    # one: the takeover line is then said by nobody, never twice (and never on a fresh workdir).
+    assert len(said) <= (workdir == stale), results
     assert os.listdir(workdir) == []   # the winner released it
 
 
