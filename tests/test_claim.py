@@ -456,6 +456,7 @@ SHORT = {'training.num_train_steps': 4, 'training.checkpoint_every_steps': 2,
          'training.log_every_steps': 2, 'training.sample_every_steps': 4}
 
 
+@pytest.mark.slow   # two training processes: a minute or more on 2 cores
 def test_two_runs_a_second_apart_one_trains_the_other_exits_2_writing_nothing(tmp_path):
   workdir = tmp_path / 'run'
   first = _cli(workdir, **SHORT, seed=1)

@@ -198,6 +198,7 @@ def test_the_readme_python_block_runs_as_written(workdir, tmp_path, monkeypatch)
   assert scope['edited'].shape == (64, 8, 8, 1) and scope['bpd'].shape == (64,)
 
 
+@pytest.mark.slow   # a T = 1000 chain for the bound and the ODE: minutes on 2 cores
 def test_a_diffusers_folder_loads_and_runs_every_method():
   """The tiny diffusers UNet2DModel of tests/fixtures (random weights, made by diffusers itself)."""
   folder = os.path.join(REPO, 'tests', 'fixtures', 'diffusers_tiny_unet')
