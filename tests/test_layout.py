@@ -39,7 +39,7 @@ ENTRY_POINTS = {'main.py', 'editing_cli.py', 'convert.py'}
 MAX_LINES = 500
 # The paper's math and the samplers: the floor below training, data and evaluation.
 MATH = ('schedule.py', 'diffusion.py', 'timestep_sampler.py', 'timesteps.py', 'dpm_solver.py',
-        'sampling.py', 'sde.py', 'guidance.py', 'editing.py')
+        'sampling.py', 'sde.py', 'guidance.py', 'editing.py', 'distillation.py')
 ABOVE_MATH = ('diffusion_jax.train', 'diffusion_jax.checkpoint', 'diffusion_jax.data',
               'diffusion_jax.workdir', 'diffusion_jax.storage', 'diffusion_jax.metric_writers',
               'diffusion_jax.preemption', 'diffusion_jax.evaluation', 'diffusion_jax.main')
