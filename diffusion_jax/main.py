@@ -4,7 +4,9 @@ Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
 ``sample`` (images from the EMA parameters of the latest checkpoint),
 ``eval`` (bits/dim, rate-distortion, progressive figures, FID), ``inpaint``
 (RePaint completions of a split's images, config section ``inpaint``) and
-``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`). With no
+``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`) and ``distill``
+(progressive distillation into ``DIR/distilled/steps_<N>/``, section ``distill``;
+:mod:`diffusion_jax.distill`). With no
 ``--config`` the embedded digits configuration is used. Override any key with
 ``--config.section.key=value``.
 
@@ -28,7 +30,7 @@ from ml_collections import config_flags
 from diffusion_jax import config_lib
 
 FLAGS = flags.FLAGS
-MODES = ('train', 'sample', 'eval', 'inpaint', 'edit')
+MODES = ('train', 'sample', 'eval', 'inpaint', 'edit', 'distill')
 USAGE_EXIT_CODE = 2
 _OVERRIDE = re.compile(r'^--?(no)?(config|default_config)\.([\w.]+)')
 
@@ -133,7 +135,9 @@ def preflight(config, mode: str, workdir) -> None:
   config_lib.validate_config(config)
   data_lib.validate_data_config(config, num_devices=jax.device_count())
   models.create_model(config)
-  if mode == 'train':
+  if mode == 'distill':
+    config_lib.validate_distill(config)
+  if mode in ('train', 'distill'):
     source = data_lib.get_source(config, config.data.train_split)
     data_lib.check_batch_fits(config, len(source), jax.process_count())
   elif mode == 'eval':
@@ -162,6 +166,9 @@ def run(config, mode: str, workdir) -> None:
     if mode == 'train':
       from diffusion_jax import train  # pylint: disable=g-import-not-at-top
       train.train_and_evaluate(config, workdir)
+    elif mode == 'distill':
+      from diffusion_jax import distill  # pylint: disable=g-import-not-at-top
+      distill.distill(config, workdir)
     elif mode in ('inpaint', 'edit'):
       from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
       (editing_cli.run_inpaint if mode == 'inpaint' else editing_cli.run_edit)(config, workdir)
