@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   distill.final_steps = 1         # the last student's steps; a power of two <= start_steps
   distill.steps_per_round = 400   # optimiser steps per halving
   distill.student_mean_type = 'v'  # x0 | v (eps cannot give x_0 at the first step)
-  distill.lr = 2e-4               # Adam; the paper anneals it to 0 within each round
+  distill.lr = 5e-4               # Adam (half the digits teacher's rate); annealed within each round
   distill.lr_decay = 'cosine'     # none | cosine (to 0 at the end of each round)
   distill.warmup_steps = 0
   distill.ema_decay = 0.995       # EMA of the student (with optim.ema_warmup's ramp)
