@@ -14,7 +14,8 @@ size, next to real digits at the same size; the classifier is the one cached in
 ``TEACHER/eval``). Writes ``TEACHER/eval/distill_measure.csv``, prints a
 Markdown table and with ``--update`` replaces the text between
 ``<!-- distill_table -->`` and ``<!-- /distill_table -->`` in that file.
-``--grid`` writes one row of samples per student, all from the same x_T.
+``--grid`` writes one row of samples per student, all from the same x_T. Sample
+sets are cached in the workdirs' ``eval/distill_measure_*.npz`` (a rerun only rescores).
 """
 
 import argparse
@@ -37,13 +38,22 @@ COLUMNS = ('method', 'calls', 'num_samples', 'classifier_frechet_at_n',
            'classifier_frechet_real_at_n', 'classifier_kid', 'wall_s')
 
 
-def draw(config, workdir, num):
-  """(uint8 samples, wall seconds) of ``config``'s sampler on ``workdir``'s EMA parameters."""
+def draw(config, workdir, num, cache):
+  """(uint8 samples, wall seconds) of ``config``'s sampler on ``workdir``'s EMA parameters.
+
+  Cached in the .npz file ``cache`` (with the wall time measured when sampling).
+  """
+  if rt.cached(cache):
+    got = rt.load_npz(cache)
+    if got['images'].shape[0] >= num:
+      return got['images'][:num], float(got['wall_s'])
   model, schedule, _, _, params = rt.restore_for_eval(config, workdir)
   start = time.perf_counter()
   images = samples.generate_samples(config, schedule, rt.apply_fn_for(model), params,
                                     jax.random.PRNGKey(SEED), num, progress=False)
-  return images, round(time.perf_counter() - start, 1)
+  wall = round(time.perf_counter() - start, 1)
+  rt.save_npz(cache, images=images, wall_s=np.float64(wall))
+  return images, wall
 
 
 def measure(teacher: str, num: int, steps: list, solver_calls: list):
@@ -61,12 +71,14 @@ def measure(teacher: str, num: int, steps: list, solver_calls: list):
 
   for n in steps:
     student = f'{teacher}/distilled/steps_{n}'
-    images, wall = draw(convert.read_config(student), student, num)
+    images, wall = draw(convert.read_config(student), student, num,
+                        rt.join(student, 'eval', f'distill_measure_{num}.npz'))
     student_sets[n] = images
     score('distilled', n, images, wall)
   for sampler in ('ddim', 'dpm_solver2', 'dpm_solver3'):
     for n in sorted(set(steps) | set(solver_calls)):
-      images, wall = draw(nfe_curve.sampler_config(tconfig, sampler, n), teacher, num)
+      images, wall = draw(nfe_curve.sampler_config(tconfig, sampler, n), teacher, num,
+                          rt.join(teacher, 'eval', f'distill_measure_{sampler}_{n}_{num}.npz'))
       score(sampler, n, images, wall)
   return rows, student_sets
 

@@ -157,3 +157,32 @@ def test_student_workdir_samples_with_mode_sample(teacher, tmp_path):
   assert files
   images = np.load(student / 'samples' / files[0])['images']
   assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_conditional_teacher_distils_with_labels_at_fixed_guidance(tmp_path):
+  config = tiny_config(**{'model.num_classes': 10, 'model.class_dropout': 0.1,
+                          'sampling.guidance_scale': 2.0, 'distill.final_steps': 2,
+                          'distill.steps_per_round': 2})
+  workdir = tmp_path / 'cond'
+  train.train_and_evaluate(config, str(workdir))
+  student = distill.distill(config, str(workdir))[2]
+  saved = json.loads((workdir / 'distilled' / 'steps_2' / 'config.json').read_text())
+  assert saved['model']['num_classes'] == 10 and saved['sampling']['guidance_scale'] == 0.0
+  # The teacher's model_fn is the guided one: (1 + w) eps(x, y) - w eps(x, none).
+  model = models.create_model(config)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
+  t, y = jnp.array([15, 7, 0]), jnp.array([1, 4, 9])
+  eps = lambda yy: model.apply({'params': student}, x, t, y=yy, train=False)
+  guided = distill.teacher_model_fn(config, model, student, y)(x, t)
+  np.testing.assert_allclose(guided, 3.0 * eps(y) - 2.0 * eps(jnp.full((3,), 10)),
+                             rtol=1e-5, atol=1e-5)
+  # The student learns with its labels: its loss depends on them.
+  cfg = distill.student_config(config, 2)
+  schedule = schedule_lib.schedule_from_config(cfg)
+  batch = next(data_lib.create_train_iterator(cfg))
+  kw = dict(teacher_config=config, config=cfg, model=model, schedule=schedule,
+            grid=distill.dl.round_grid(schedule, 2))
+  a = distill.round_loss(student, student, batch, jax.random.PRNGKey(1), **kw)[0]
+  b = distill.round_loss(student, student, {**batch, 'label': (batch['label'] + 1) % 10},
+                         jax.random.PRNGKey(1), **kw)[0]
+  assert float(a) != float(b)
