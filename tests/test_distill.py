@@ -159,6 +159,7 @@ def test_student_workdir_samples_with_mode_sample(teacher, tmp_path):
   assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
 
 
+@pytest.mark.slow   # trains its own conditional teacher: minutes on 2 loaded cores
 def test_conditional_teacher_distils_with_labels_at_fixed_guidance(tmp_path):
   config = tiny_config(**{'model.num_classes': 10, 'model.class_dropout': 0.1,
                           'sampling.guidance_scale': 2.0, 'distill.final_steps': 2,
