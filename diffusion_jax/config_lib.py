@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   sampling.ode_rtol = 1e-5        # ode: probability-flow ODE tolerances (diffrax, adaptive step)
   sampling.ode_atol = 1e-5
   sampling.eta = 0.0              # ddim stochasticity
-  sampling.skip_type = 'uniform'  # ddim: uniform | quadratic
+  sampling.skip_type = 'uniform'  # ddim / dpm_solver grid: uniform | quadratic | trailing (ends at T-1)
   sampling.num_samples = 64
   sampling.batch_size = 256       # per sampling call (global)
   sampling.pc_snr = 0.16          # Langevin corrector signal-to-noise ratio
@@ -150,6 +150,17 @@ def base_config() -> ml_collections.ConfigDict:
   edit.num_images = 100
   edit.split = 'test'
   edit.input = ''                 # your own images: a folder of images or an .npz with 'images' (else the split)
+
+  # --- progressive distillation (--mode distill; Salimans & Ho 2022) ---------
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.start_steps = 64        # the teacher's DDIM steps (trailing grid); a power of two
+  distill.final_steps = 1         # the last student's steps; a power of two <= start_steps
+  distill.steps_per_round = 400   # optimiser steps per halving
+  distill.student_mean_type = 'v'  # x0 | v (eps cannot give x_0 at the first step)
+  distill.lr = 5e-4               # Adam (half the digits teacher's rate); annealed within each round
+  distill.lr_decay = 'cosine'     # none | cosine (to 0 at the end of each round)
+  distill.warmup_steps = 0
+  distill.ema_decay = 0.995       # EMA of the student (with optim.ema_warmup's ramp)
   return config
 
 
@@ -283,7 +294,7 @@ def validate_config(config) -> None:
   ``models.create_model``.)
   """
   # Imported here: config files import this module and should stay light.
-  from diffusion_jax import diffusion, schedule
+  from diffusion_jax import diffusion, schedule, timesteps
   d = config.diffusion
   _allowed('diffusion.schedule', d.schedule, schedule.SCHEDULES)
   _positive('diffusion.num_timesteps', d.num_timesteps)
@@ -322,12 +333,37 @@ def validate_config(config) -> None:
                      f'{d.num_timesteps}] (0: all steps), got {sp.ancestral_steps}.')
   _positive('sampling.ode_rtol', sp.ode_rtol)
   _positive('sampling.ode_atol', sp.ode_atol)
-  _allowed('sampling.skip_type', sp.skip_type, ('uniform', 'quadratic'))
+  _allowed('sampling.skip_type', sp.skip_type, timesteps.SKIP_TYPES)
   _positive('sampling.num_samples', sp.num_samples)
   if sp.sampler != 'ancestral' and not 1 <= sp.num_steps <= d.num_timesteps:
     raise ValueError(f'sampling.num_steps must be in [1, diffusion.num_timesteps={d.num_timesteps}], '
                      f'got {sp.num_steps}.')
   validate_editing(config)
+
+
+DISTILL_MEAN_TYPES = ('x0', 'v')
+
+
+def validate_distill(config) -> None:
+  """Checks the ``distill`` section (``--mode distill``); raises ValueError naming the field."""
+  ds = config.distill
+  for key in ('start_steps', 'final_steps'):
+    n = ds[key]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
+      raise ValueError(f'distill.{key} must be a power of two (1, 2, 4, ...), got {n!r}.')
+  if ds.final_steps >= ds.start_steps:
+    raise ValueError(f'distill.final_steps={ds.final_steps} must be smaller than '
+                     f'distill.start_steps={ds.start_steps} (each round halves the steps).')
+  if ds.start_steps > config.diffusion.num_timesteps:
+    raise ValueError(f'distill.start_steps={ds.start_steps} must be <= '
+                     f'diffusion.num_timesteps={config.diffusion.num_timesteps}.')
+  _allowed('distill.student_mean_type', ds.student_mean_type, DISTILL_MEAN_TYPES)
+  _allowed('distill.lr_decay', ds.lr_decay, LR_DECAYS)
+  for key in ('steps_per_round', 'lr'):
+    _positive(f'distill.{key}', ds[key])
+  _positive('distill.warmup_steps', ds.warmup_steps, allow_zero=True)
+  if not 0.0 <= ds.ema_decay < 1.0:
+    raise ValueError(f'distill.ema_decay must be in [0, 1), got {ds.ema_decay!r}.')
 
 
 # The values of inpaint.missing / inpaint.method (diffusion_jax.editing).

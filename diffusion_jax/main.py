@@ -4,7 +4,9 @@ Modes: ``train`` (default; resumes automatically from ``DIR/checkpoints``),
 ``sample`` (images from the EMA parameters of the latest checkpoint),
 ``eval`` (bits/dim, rate-distortion, progressive figures, FID), ``inpaint``
 (RePaint completions of a split's images, config section ``inpaint``) and
-``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`).
+``edit`` (SDEdit, section ``edit``; :mod:`diffusion_jax.editing_cli`) and ``distill``
+(progressive distillation into ``DIR/distilled/steps_<N>/``, section ``distill``;
+:mod:`diffusion_jax.distill`).
 
 One config flag: ``--config`` is a ``configs/<name>.py`` file, by default the
 embedded digits config, and ``--config.section.key=value`` overrides any key,
@@ -37,7 +39,7 @@ from ml_collections import config_flags
 from diffusion_jax import config_lib
 
 FLAGS = flags.FLAGS
-MODES = ('train', 'sample', 'eval', 'inpaint', 'edit')
+MODES = ('train', 'sample', 'eval', 'inpaint', 'edit', 'distill')
 USAGE_EXIT_CODE = 2
 _OVERRIDE = re.compile(r'^--?(no)?(config|default_config)\.([\w.]+)')
 _ALIAS = re.compile(r'^(--?(?:no)?)default_config\.')
@@ -230,7 +232,7 @@ def preflight(config, mode: str, workdir, claims: contextlib.ExitStack | None = 
 
   Config values, model, data set and batch size first (nothing is written),
   then the workdir: every mode but train needs a checkpoint (nothing is created), train
-  claims the workdir (entered into ``claims``, held until it closes; ClaimHeldError
+  and distill claim the workdir (entered into ``claims``, held until it closes; ClaimHeldError
   if another run holds it: ``diffusion_jax/claim.py``), then creates it and writes
   ``config.json`` (WorkdirError if it cannot).
   """
@@ -244,7 +246,9 @@ def preflight(config, mode: str, workdir, claims: contextlib.ExitStack | None = 
   settings.check(config, mode)   # eval.parts, sample sets, sampler options: before any restore
   data_lib.validate_data_config(config, num_devices=jax.device_count())
   models.create_model(config)
-  if mode == 'train':
+  if mode == 'distill':
+    config_lib.validate_distill(config)
+  if mode in ('train', 'distill'):
     source = data_lib.get_source(config, config.data.train_split)
     data_lib.check_batch_fits(config, len(source), jax.process_count())
   elif mode == 'eval':
@@ -252,15 +256,13 @@ def preflight(config, mode: str, workdir, claims: contextlib.ExitStack | None = 
   elif mode in ('inpaint', 'edit'):
     from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
     (editing_cli.check_inpaint if mode == 'inpaint' else editing_cli.check_edit)(config)
-  if mode != 'train':
-    if ckpt.latest_step(workdir) is None:
-      raise ckpt.no_checkpoint_error(workdir)
-  else:
-    if claims is not None:   # one writer per workdir, before anything is written
-      from diffusion_jax import claim  # pylint: disable=g-import-not-at-top
-      claims.enter_context(claim.hold(workdir, config.training.claim_timeout_s))
-    if jax.process_index() == 0:
-      workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
+  if mode != 'train' and ckpt.latest_step(workdir) is None:
+    raise ckpt.no_checkpoint_error(workdir)
+  if mode in ('train', 'distill') and claims is not None:   # one writer per workdir, first
+    from diffusion_jax import claim  # pylint: disable=g-import-not-at-top
+    claims.enter_context(claim.hold(workdir, config.training.claim_timeout_s))
+  if mode == 'train' and jax.process_index() == 0:
+    workdir_lib.prepare(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def run(config, mode: str, workdir) -> None:
@@ -285,6 +287,9 @@ def _run(config, mode: str, workdir, claims: contextlib.ExitStack) -> None:
     if mode == 'train':
       from diffusion_jax import train  # pylint: disable=g-import-not-at-top
       train.train_and_evaluate(config, workdir, claimed=True)
+    elif mode == 'distill':
+      from diffusion_jax import distill  # pylint: disable=g-import-not-at-top
+      distill.distill(config, workdir, claimed=True)
     elif mode in ('inpaint', 'edit'):
       from diffusion_jax import editing_cli  # pylint: disable=g-import-not-at-top
       (editing_cli.run_inpaint if mode == 'inpaint' else editing_cli.run_edit)(config, workdir)

@@ -17,7 +17,7 @@ import numpy as np
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedule import Schedule, schedule_from_betas
 
-SKIP_TYPES = ('uniform', 'quadratic')
+SKIP_TYPES = ('uniform', 'quadratic', 'trailing')
 
 
 def batch_t(t_scalar, x):
@@ -38,7 +38,10 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip_type: str = 'uniform
   ``'uniform'``: ``i * (T // num_steps)`` for i = 0..num_steps-1;
   ``'quadratic'``: ``(linspace(0, sqrt(0.8 T), num_steps) ** 2).astype(int)`` as in
   the DDIM paper's code (it may repeat small timesteps when num_steps is close to
-  T; a repeated step is an exact no-op of eq. 12).
+  T; a repeated step is an exact no-op of eq. 12);
+  ``'trailing'``: ``round(T - i T / num_steps) - 1`` for i = 0..num_steps-1 (diffusers'
+  ``timestep_spacing='trailing'``, Lin et al. 2024), which starts at T-1 as
+  progressive distillation needs (Salimans & Ho 2022); see :func:`trailing_timesteps`.
   """
   T = int(num_timesteps)
   n = check_int('num_steps', num_steps, 1, T)
@@ -46,8 +49,30 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip_type: str = 'uniform
     return np.arange(n, dtype=np.int64) * (T // n)
   if skip_type == 'quadratic':
     return (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(np.int64)
+  if skip_type == 'trailing':
+    return trailing_timesteps(T, n)
   raise ValueError(f'skip_type must be one of {", ".join(map(repr, SKIP_TYPES))}; '
                    f'got {skip_type!r}.')
+
+
+def trailing_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """Ascending ``round(T (1 - i / n)) - 1``, i = n-1..0: the grid that ends at T-1.
+
+  diffusers' ``np.round(np.arange(T, 0, -T / n)) - 1``, computed in exact integer
+  arithmetic (round half to even, as ``np.round``). Because the values are exact
+  rationals T (n - i) / n, the n-step grid is every other point of the 2n-step grid
+  (point i of n is point 2i of 2n, counted from T-1) for every T and n: the grids
+  of progressive distillation's rounds nest.
+  """
+  T = int(num_timesteps)
+  n = check_int('num_steps', num_steps, 1, T)
+  out = []
+  for i in range(n):
+    q, r = divmod(T * (n - i), n)
+    if 2 * r > n or (2 * r == n and q % 2):
+      q += 1
+    out.append(q - 1)
+  return np.asarray(out[::-1], np.int64)
 
 
 def uniform_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:

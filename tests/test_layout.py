@@ -44,7 +44,7 @@ ENTRY_POINTS = {'main.py', 'editing_cli.py', 'convert.py', 'pipeline.py'}
 MAX_LINES = 500
 # The paper's math and the samplers: the floor below training, data and evaluation.
 MATH = ('schedule.py', 'diffusion.py', 'timestep_sampler.py', 'timesteps.py', 'dpm_solver.py',
-        'sampling.py', 'samplers.py', 'sde.py', 'guidance.py', 'editing.py')
+        'sampling.py', 'samplers.py', 'sde.py', 'guidance.py', 'editing.py', 'distillation.py')
 # The math and sampler layers take settings, never the whole config; the exceptions are
 # the thin constructors the design names (docs/design.md).
 CONFIG_CONSTRUCTORS = {('schedule.py', 'schedule_from_config')}

@@ -114,6 +114,10 @@ def _tiny_digits(**overrides):
     ({'sampling.sampler': 'ode'}, 'edit', "sampling.sampler='ode' is not supported by --mode edit"),
     ({}, 'inpaint', 'no checkpoint in'),
     ({}, 'edit', 'no checkpoint in'),
+    ({'distill.start_steps': 48}, 'distill', 'distill.start_steps must be a power of two'),
+    ({'distill.final_steps': 128}, 'distill', 'must be smaller than distill.start_steps'),
+    ({'distill.student_mean_type': 'eps'}, 'distill', "distill.student_mean_type='eps'"),
+    ({}, 'distill', 'no checkpoint in'),
 ])
 def test_bad_config_or_mode_is_one_line_and_exit_2(tmp_path, capsys, overrides, mode, expected):
   workdir = tmp_path / 'run'
