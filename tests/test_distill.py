@@ -19,6 +19,7 @@ from diffusion_jax import distill
 from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import train
+from diffusion_jax import workdir as workdir_lib
 
 TINY = {
     'model.ch': 8, 'model.ch_mult': (1, 2), 'model.num_res_blocks': 1, 'model.num_groups': 4,
@@ -50,7 +51,9 @@ def _cli(workdir, *flags):
 def teacher(tmp_path_factory):
   """A tiny workdir trained for 2 steps: the teacher."""
   workdir = tmp_path_factory.mktemp('teacher') / 'run'
-  train.train_and_evaluate(tiny_config(), str(workdir))
+  config = tiny_config()
+  workdir_lib.prepare(str(workdir), config.to_json_best_effort(indent=2, sort_keys=True))
+  train.train_and_evaluate(config, str(workdir))   # as --mode train leaves it, config.json too
   return workdir
 
 
@@ -144,19 +147,25 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
   assert not (teacher / 'distilled').exists() and not (tmp_path / 'empty').exists()
 
 
-def test_student_workdir_samples_with_mode_sample(teacher, tmp_path):
+def test_student_workdir_samples_with_mode_sample_and_the_pipeline(teacher, tmp_path):
+  """A student's workdir is a workdir: --mode sample and diffusion_jax.load need no override."""
+  import diffusion_jax  # pylint: disable=g-import-not-at-top
   workdir = _copy(teacher, tmp_path)
   distill.distill(tiny_config(**{'distill.final_steps': 2}), str(workdir))
   student = workdir / 'distilled' / 'steps_2'
-  # The student's config as overrides (config.json holds the same values).
-  proc = _cli(student, '--mode=sample', '--default_config.diffusion.mean_type=v',
-              '--default_config.sampling.num_steps=2', '--default_config.sampling.skip_type=trailing',
-              '--default_config.sampling.num_samples=8')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', 'diffusion_jax.main', f'--workdir={student}',
+                         '--mode=sample', '--config.sampling.num_samples=8'],
+                        capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  files = [f for f in os.listdir(student / 'samples') if f.endswith('.npz')]
-  assert files
-  images = np.load(student / 'samples' / files[0])['images']
+  with np.load(student / 'samples' / 'samples_ddim_2.npz') as f:   # its config: ddim, 2 steps
+    images = f['images']
   assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+  pipe = diffusion_jax.load(str(student))
+  sc = pipe.config.sampling
+  assert (pipe.config.diffusion.mean_type, sc.sampler, sc.num_steps, sc.skip_type) == (
+      'v', 'ddim', 2, 'trailing')
+  np.testing.assert_array_equal(pipe.sample(8, seed=0), images)
 
 
 @pytest.mark.slow   # trains its own conditional teacher: minutes on 2 loaded cores
