@@ -25,7 +25,7 @@ CLI_CASES = {
         "error: unknown config key 'training.bogus'; training has: batch_size, "),
     'unknown config key': (
         [f'--config={ROOT / "configs" / "digits.py"}', '--config.x.bogus=1'], {},
-        "error: unknown config key 'x.bogus'; the config has: data, diffusion, edit, eval, inpaint, "),
+        "error: unknown config key 'x.bogus'; the config has: data, diffusion, distill, edit, eval, inpaint, "),
     'missing config file': (
         ['--config=/nonexistent/cfg.py'], {},
         "error: config file '/nonexistent/cfg.py' (--config) does not exist"),
