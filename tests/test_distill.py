@@ -33,11 +33,8 @@ TINY = {
 
 
 def tiny_config(**overrides):
-  config = config_lib.digits_config()
-  for key, value in {**TINY, **overrides}.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+  return config_lib.apply_overrides(config_lib.digits_config(), {**TINY, **overrides},
+                                    trained=False)
 
 
 def _cli(workdir, *flags):

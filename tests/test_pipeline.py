@@ -31,11 +31,8 @@ TINY = {
 
 
 def tiny_config(**more):
-  config = config_lib.digits_config()
-  for key, value in {**TINY, **more}.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+  return config_lib.apply_overrides(config_lib.digits_config(), {**TINY, **more},
+                                    trained=False)
 
 
 def trained_workdir(root, name: str, config) -> str:
