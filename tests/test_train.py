@@ -268,6 +268,22 @@ batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], train.b
            for _ in range(4)]
 lowered = train.make_train_fn(config, model, schedule, optimizer, mesh).lower(state, batches[0])
 ours, ref = (lowered.compile(compiler_options=o) for o in (options, XLA_DEFAULT_LEVEL))
+# With YNNPACK off, a U-Net inside a while loop raced on two devices (benchmarks/ynn_repro.py):
+# the step's only loops are the RNG's (integer arithmetic), with no convolution or dot inside.
+import re
+text = ours.as_text()
+blocks = dict(re.findall(r'^(?:ENTRY )?%(\S+) [^\n]*\{\n(.*?)^\}', text, re.M | re.S))
+def reach(name, seen):
+  if name not in seen:
+    seen.add(name)
+    for callee in re.findall(r'(?:body|condition|calls|to_apply)=%([\w.\-]+)', blocks[name]):
+      reach(callee, seen)
+  return seen
+bodies = re.findall(r'body=%([\w.\-]+)', text)
+assert bodies, 'expected the RNG while loops'
+for body in bodies:
+  for name in reach(body, set()):
+    assert not re.search(r' (convolution|dot)\(', blocks[name]), (body, name)
 a, b = (jax.tree.map(jnp.copy, state) for _ in range(2))   # the step donates its state
 for batch in batches:
   a, _ = ours(a, batch)
