@@ -10,8 +10,9 @@ global batch (``train.train_step``). Measured by ``benchmarks/bench_peer.py``.
 
 Compile options are chosen per kind of program (:func:`cpu_compiler_options`).
 The train step turns jaxlib 0.10's YNNPACK fusions off
-(``xla_cpu_experimental_ynn_fusion_type=''``, a per-compile option): it runs
-faster and computes the default's step to float32 rounding
+(``xla_cpu_experimental_ynn_fusion_type=''``, a per-compile option). That was
+reported 1.1-1.3x faster on an AVX-512 machine, and measured as fast as the
+default on another. It computes the default's step to float32 rounding
 (``tests/test_train.py``). Samplers keep them: with them off, a U-Net inside a
 ``while`` loop on two CPU devices computed wrong images
 (``benchmarks/ynn_repro.py``,
@@ -97,8 +98,8 @@ CPU_OPT_LEVEL = 1            # programs that run many times (the train step, sam
 # Per kind of program, options beyond the optimisation level, each kept only where
 # its results equal those of XLA's defaults (tests/test_train.py,
 # tests/test_host.py). YNNPACK fusions off (jaxlib >= 0.10): the train step
-# runs faster with XLA's own fusions and Eigen kernels (benchmarks/RESULTS.md)
-# and computes the same step; a sampler on two devices did not
+# computes the same step, as fast or faster (benchmarks/RESULTS.md); a sampler
+# on two devices did not
 # (docs/performance.md, benchmarks/ynn_repro.py), so samplers and evaluation
 # passes keep them.
 YNN_OFF = {'xla_cpu_experimental_ynn_fusion_type': ''}
