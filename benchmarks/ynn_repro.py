@@ -18,7 +18,9 @@ Not reproduced (each agrees to float32 rounding on every run): the same U-Net
 called once or unrolled 3 times; one CPU device; a program compiled and run
 alone; and each candidate operation alone in a 20-step ``fori_loop`` on two
 devices (3x3 convolution, strided convolution, dense matmul, GroupNorm, SiLU,
-nearest-neighbour upsampling, 2x2 average pooling). The train step has no
+nearest-neighbour upsampling, 2x2 average pooling, attention on 16 tokens).
+With ``model.conv_impl='xla'`` it still reproduces; without the attention
+block (``attn_resolutions=()``) as well, it does not. The train step has no
 loop construct (``train.make_train_fn``), and its YNNPACK-off step equals the
 default's on one and two devices (``tests/test_train.py``), so the library
 turns YNNPACK fusions off for the train step only (``host.CPU_KIND_OPTIONS``).
