@@ -1,29 +1,35 @@
-r"""XLA:CPU (jaxlib 0.10) with YNNPACK fusions off: a two-device program's first run is wrong.
+r"""XLA:CPU (jaxlib 0.10), YNNPACK fusions off: two devices running at once compute wrong images.
 
     python benchmarks/ynn_repro.py            # prints one line per run; exit status 1 if reproduced
 
 The program: 20 steps ``x <- x - 0.1 * unet(x, t)`` in a ``lax.fori_loop`` (the
 shape of a sampler's chain), for a small U-Net (the digits config with two
-resolution levels, ``model.ch_mult=(1, 2)``), batch 100 of 8x8x1 images, on
-two CPU devices (``jax_num_cpu_devices=2``). It is compiled once per device
-with ``compiler_options={'xla_cpu_experimental_ynn_fusion_type': ''}`` and
-once with XLA's default options (the reference). The first run of the
-YNNPACK-off executable on device 0 returns images 0-2 of 100 wrong (max
-difference ~0.5 against the default's; the other 97 agree to 3e-6); its later
-runs, and the executable on device 1, agree. Run concurrently, both devices'
-first runs are wrong in images 0-2: in a batch-sharded sampler that is images
-0-2 and 100-102 of 200 (``tests/test_host.py``).
+resolution levels, ``model.ch_mult=(1, 2)``), batch 100 of 8x8x1 images. It
+is compiled for each of two CPU devices (``jax_num_cpu_devices=2``) with
+``compiler_options={'xla_cpu_experimental_ynn_fusion_type': ''}``, and with
+XLA's default options for the reference.
 
-Not reproduced (each agrees to float32 rounding on every run): the same U-Net
-called once or unrolled 3 times; one CPU device; a program compiled and run
-alone; and each candidate operation alone in a 20-step ``fori_loop`` on two
-devices (3x3 convolution, strided convolution, dense matmul, GroupNorm, SiLU,
-nearest-neighbour upsampling, 2x2 average pooling, attention on 16 tokens).
-With ``model.conv_impl='xla'`` it still reproduces; without the attention
-block (``attn_resolutions=()``) as well, it does not. The train step has no
-loop construct (``train.make_train_fn``), and its YNNPACK-off step equals the
-default's on one and two devices (``tests/test_train.py``), so the library
-turns YNNPACK fusions off for the train step only (``host.CPU_KIND_OPTIONS``).
+- Runs 1 and 3 dispatch both devices' executables at once (JAX dispatches
+  asynchronously). On each device, images 0-2 of 100 come out wrong (max
+  difference ~0.6 against the default's; the other 97 agree to 3e-6).
+- Runs 2 and 4 run them one after the other, and every image agrees.
+- So it is a race between two executions running at once. In a batch-sharded
+  sampler it shows as images 0-2 and 100-102 of 200 (``tests/test_host.py``).
+
+Not reproduced (each agrees to float32 rounding on every run):
+- the same U-Net called once, or unrolled 3 times;
+- one CPU device;
+- each candidate operation alone in a 20-step ``fori_loop`` on two devices:
+  3x3 convolution, strided convolution, dense matmul, GroupNorm, SiLU,
+  nearest-neighbour upsampling, 2x2 average pooling, attention on 16 tokens.
+
+With ``model.conv_impl='xla'`` it still reproduces. Without the attention
+block (``attn_resolutions=()``) as well, it does not.
+
+The train step's only loops are the RNG's integer loops, with no convolution
+or dot in them. Its YNNPACK-off step equals the default's on one and on two
+devices (``tests/test_train.py``). So the library turns YNNPACK fusions off
+for the train step only (``host.CPU_KIND_OPTIONS``).
 """
 
 import sys
