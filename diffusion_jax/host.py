@@ -96,10 +96,9 @@ CPU_OPT_LEVEL = 1            # programs that run many times (the train step, sam
 
 
 # Per kind of program, options beyond the optimisation level, each kept only where
-# its results equal those of XLA's defaults (tests/test_train.py,
-# tests/test_host.py). YNNPACK fusions off (jaxlib >= 0.10): the train step
-# computes the same step, as fast or faster (benchmarks/RESULTS.md); a sampler
-# on two devices did not
+# its results equal those of XLA's defaults (tests/test_train.py, tests/test_host.py).
+# YNNPACK fusions off (jaxlib >= 0.10): the train step computes the same step, as
+# fast or faster (benchmarks/RESULTS.md); a sampler on two devices did not
 # (docs/performance.md, benchmarks/ynn_repro.py), so samplers and evaluation
 # passes keep them.
 YNN_OFF = {'xla_cpu_experimental_ynn_fusion_type': ''}
@@ -111,8 +110,8 @@ def xla_accepts(name: str, value) -> bool:
   """Whether this jaxlib's XLA:CPU knows the compile option ``name`` (compiles a tiny program)."""
   import jax  # pylint: disable=g-import-not-at-top
   try:
-    jax.jit(lambda x: x + 1).lower(1.0).compile(
-        compiler_options={name: value})
+    one = jax.device_put(1.0, jax.devices('cpu')[0])
+    jax.jit(lambda x: x + 1).lower(one).compile(compiler_options={name: value})
   except Exception:  # pylint: disable=broad-except
     return False
   return True
