@@ -2,8 +2,9 @@ r"""A/B of XLA compile options for the train step: compile time, step time, same
 
     python benchmarks/ab_compile_options.py '{"xla_backend_optimization_level": 3}'   # XLA's default
 
-Side "library" is what the train step compiles with (``host.cpu_compiler_options``),
-side "given" the options on the command line. Compile time is measured in fresh
+Side "library" is what the train step compiles with
+(``host.cpu_compiler_options(mesh, kind='train_step')``), side "given" the
+options on the command line. Compile time is measured in fresh
 processes, alternating the sides (in one process the first compile pays a
 warm-up and a repeated one is cached). Then, in one process, both sides are
 compiled from one lowering: one step from the same state must give bitwise
@@ -61,7 +62,7 @@ def main():
     return print(time.perf_counter() - t)
 
   lowered, state0, batch, mesh = lowered_step(args.config)
-  sides = {'library': host.cpu_compiler_options(mesh) or {}, 'given': given}
+  sides = {'library': host.cpu_compiler_options(mesh, kind='train_step') or {}, 'given': given}
   seconds = {name: [] for name in sides}
   for r in range(args.compile_rounds):
     for name in (list(sides) if r % 2 else list(sides)[::-1]):

@@ -51,6 +51,7 @@ from diffusion_jax import host
 from diffusion_jax import interop
 from diffusion_jax import models
 from diffusion_jax import sampling
+from diffusion_jax import settings as settings_lib
 from diffusion_jax import train
 
 from bench_train import load_config   # benchmarks/ is on sys.path when run as a script
@@ -116,7 +117,7 @@ class Ours:
     config.sampling.sampler = name
     config.sampling.num_steps = steps
     config.sampling.eta = 0.0
-    fn = settings.make_sampler(config, self.schedule, self.model, batch_size=batch)
+    fn = settings_lib.make_sampler(config, self.schedule, self.model, batch_size=batch)
     variables, rng = {'params': self.state.ema_params}, jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     compiled = fn.lower(variables, rng).compile()

@@ -8,11 +8,15 @@ on a TPU pod), so each core runs its half of every operation. The result does
 not depend on the device count: t, the noise and dropout are drawn for the
 global batch (``train.train_step``). Measured by ``benchmarks/bench_peer.py``.
 
-XLA:CPU's kernel choice is left alone. Turning jaxlib 0.10's YNNPACK fusions
-off (``--xla_cpu_experimental_ynn_fusion_type=``) made the digits step about
-1.15x faster, but with two CPU devices it also computed wrong samples (the
-first 6 of 100 per device, in a sharded 200-image sampler), so it is not set:
-``tests/test_host.py::test_two_cpu_devices_sample_what_one_device_samples``.
+Compile options are chosen per kind of program (:func:`cpu_compiler_options`).
+The train step turns jaxlib 0.10's YNNPACK fusions off
+(``xla_cpu_experimental_ynn_fusion_type=''``, a per-compile option). That was
+reported 1.1-1.3x faster on an AVX-512 machine, and measured as fast as the
+default on another. It computes the default's step to float32 rounding
+(``tests/test_train.py``). Samplers keep them: with them off, a U-Net inside a
+``while`` loop on two CPU devices computed wrong images
+(``benchmarks/ynn_repro.py``,
+``tests/test_host.py::test_two_cpu_devices_sample_what_one_device_samples``).
 
 Only the CPU backend is affected (``jax_num_cpu_devices``); on GPU and TPU
 hosts the accelerators are the devices either way. The count has to be set
@@ -20,6 +24,7 @@ before JAX initialises its backends, so the entry points call
 :func:`configure_cpu_devices` first.
 """
 
+import functools
 import os
 
 from absl import logging
@@ -90,8 +95,31 @@ CPU_OPT_LEVEL_RUN_ONCE = 0   # programs that run once (the initial state)
 CPU_OPT_LEVEL = 1            # programs that run many times (the train step, samplers)
 
 
-def cpu_compiler_options(devices, *, runs_once: bool = False) -> dict | None:
-  """XLA compile options for a program on ``devices`` (a Mesh or a list of devices).
+# Per kind of program, options beyond the optimisation level, each kept only where
+# its results equal those of XLA's defaults (tests/test_train.py, tests/test_host.py).
+# YNNPACK fusions off (jaxlib >= 0.10): the train step computes the same step, as
+# fast or faster (benchmarks/RESULTS.md); a sampler on two devices did not
+# (docs/performance.md, benchmarks/ynn_repro.py), so samplers and evaluation
+# passes keep them.
+YNN_OFF = {'xla_cpu_experimental_ynn_fusion_type': ''}
+CPU_KIND_OPTIONS = {'train_step': YNN_OFF, 'sampler': {}, 'evaluation': {}, 'other': {}}
+
+
+@functools.cache
+def xla_accepts(name: str, value) -> bool:
+  """Whether this jaxlib's XLA:CPU knows the compile option ``name`` (compiles a tiny program)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    one = jax.device_put(1.0, jax.devices('cpu')[0])
+    jax.jit(lambda x: x + 1).lower(one).compile(compiler_options={name: value})
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return True
+
+
+def cpu_compiler_options(devices, *, runs_once: bool = False,
+                         kind: str = 'other') -> dict | None:
+  """XLA compile options for a ``kind`` of program on ``devices`` (a Mesh or a list of devices).
 
   On the CPU, a lower LLVM optimisation level: for the digits README job the
   train step compiles in 28-33 s instead of 33-43 s (fresh processes) and runs
@@ -102,11 +130,18 @@ def cpu_compiler_options(devices, *, runs_once: bool = False) -> dict | None:
   results equal those of XLA's default options up to float32 rounding (the
   digits step and the initial state bit for bit; a 1-ulp difference in a
   few optimiser moments was seen on a smaller U-Net; ``tests/test_train.py``,
-  ``tests/test_sampling.py``). On GPU and TPU, None (XLA's defaults).
+  ``tests/test_sampling.py``). ``kind`` ('train_step', 'sampler',
+  'evaluation' or 'other') adds :data:`CPU_KIND_OPTIONS` that this jaxlib
+  knows. On GPU and TPU, None (XLA's defaults).
   """
+  if kind not in CPU_KIND_OPTIONS:
+    raise ValueError(f'kind={kind!r} is not supported; allowed values: '
+                     + ', '.join(CPU_KIND_OPTIONS))
   devices = getattr(devices, 'devices', devices)   # a Mesh: its device array
   first = next(iter(getattr(devices, 'flat', devices)))
   if first.platform != 'cpu':
     return None
-  return {'xla_backend_optimization_level':
-          CPU_OPT_LEVEL_RUN_ONCE if runs_once else CPU_OPT_LEVEL}
+  options = {'xla_backend_optimization_level':
+             CPU_OPT_LEVEL_RUN_ONCE if runs_once else CPU_OPT_LEVEL}
+  options.update({k: v for k, v in CPU_KIND_OPTIONS[kind].items() if xla_accepts(k, v)})
+  return options

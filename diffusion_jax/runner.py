@@ -99,7 +99,7 @@ def jit_batched(fn: Callable, *, batch: int, num_batched: int, conditional: bool
   batch-sharded).
   """
   devices = list(jax.devices() if devices is None else devices)
-  options = host.cpu_compiler_options(devices)
+  options = host.cpu_compiler_options(devices, kind='sampler')
   if batch % len(devices):
     return jax.jit(fn, compiler_options=options)
   mesh = make_mesh(devices)

@@ -208,7 +208,7 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_fn, in_shardings=(replicated, batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,),
-                 compiler_options=host.cpu_compiler_options(mesh))
+                 compiler_options=host.cpu_compiler_options(mesh, kind='train_step'))
 
 
 def next_batches(it, num: int, sharding: NamedSharding):

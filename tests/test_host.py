@@ -79,8 +79,9 @@ def test_two_cpu_devices_sample_what_one_device_samples():
   """The CLI's CPU setup (two devices) samples the same images as one device.
 
   Regression: with the YNN fusions turned off (a flag this module used to set
-  on jaxlib 0.10) the first 6 images of each device's 100 came out wrong (max
-  difference 2.0).
+  on jaxlib 0.10 for every program) the first 3 images of each device's 100
+  came out wrong (max difference 2.0); samplers keep XLA's defaults
+  (``host.CPU_KIND_OPTIONS``, ``benchmarks/ynn_repro.py``).
   """
   env = _fresh_cpu_env()
   out = subprocess.run([sys.executable, '-c', _SAMPLER_CHILD], env=env, capture_output=True,
@@ -99,6 +100,16 @@ def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
   assert host.cpu_compiler_options(cpu) == {'xla_backend_optimization_level': 1}
   assert host.cpu_compiler_options(Mesh(np.asarray(cpu), ('data',)), runs_once=True) == {
       'xla_backend_optimization_level': 0}
+  # Per kind: the train step also turns YNNPACK's fusions off (tests/test_train.py shows
+  # it computes XLA's defaults' step); samplers and evaluation keep them (see below).
+  assert host.cpu_compiler_options(cpu, kind='train_step') == {
+      'xla_backend_optimization_level': 1, 'xla_cpu_experimental_ynn_fusion_type': ''}
+  for kind in ('sampler', 'evaluation', 'other'):
+    assert host.cpu_compiler_options(cpu, kind=kind) == {'xla_backend_optimization_level': 1}
+  with pytest.raises(ValueError, match="kind='sample' is not supported; allowed values: "
+                                       'train_step, sampler, evaluation, other'):
+    host.cpu_compiler_options(cpu, kind='sample')
+  assert not host.xla_accepts('xla_cpu_experimental_ynn_fusion_type', 'no_such_fusion')
   for platform in ('gpu', 'cuda', 'tpu'):   # accelerators keep XLA's defaults
     fake = [types.SimpleNamespace(platform=platform)]
     assert host.cpu_compiler_options(fake) is None

@@ -253,6 +253,69 @@ def test_train_step_compiles_with_less_llvm_optimisation_and_equal_results(monke
     train.make_train_fn(config, model, schedule, optimizer, mesh)(fresh(), batch)
 
 
+KIND_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from diffusion_jax import data as data_lib, host, train
+from test_train import ONE_LEVEL, XLA_DEFAULT_LEVEL, tiny_config
+config = tiny_config(**ONE_LEVEL)
+model, schedule, optimizer, mesh, state = train.setup(config)
+options = host.cpu_compiler_options(mesh, kind='train_step')
+assert options == {'xla_backend_optimization_level': 1, **host.YNN_OFF}, options
+it = data_lib.create_train_iterator(config)
+batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], train.batch_sharding(mesh))}
+           for _ in range(4)]
+lowered = train.make_train_fn(config, model, schedule, optimizer, mesh).lower(state, batches[0])
+ours, ref = (lowered.compile(compiler_options=o) for o in (options, XLA_DEFAULT_LEVEL))
+# With YNNPACK off, a U-Net inside a while loop raced on two devices (benchmarks/ynn_repro.py):
+# the step's only loops are the RNG's (integer arithmetic), with no convolution or dot inside.
+import re
+text = ours.as_text()
+blocks = dict(re.findall(r'^(?:ENTRY )?%(\S+) [^\n]*\{\n(.*?)^\}', text, re.M | re.S))
+def reach(name, seen):
+  if name not in seen:
+    seen.add(name)
+    for callee in re.findall(r'(?:body|condition|calls|to_apply)=%([\w.\-]+)', blocks[name]):
+      reach(callee, seen)
+  return seen
+bodies = re.findall(r'body=%([\w.\-]+)', text)
+assert bodies, 'expected the RNG while loops'
+for body in bodies:
+  for name in reach(body, set()):
+    assert not re.search(r' (convolution|dot)\(', blocks[name]), (body, name)
+a, b = (jax.tree.map(jnp.copy, state) for _ in range(2))   # the step donates its state
+for batch in batches:
+  a, _ = ours(a, batch)
+  b, _ = ref(b, batch)
+a, b = jax.device_get((a, b))
+moved = max(float(np.abs(u - v).max()) for u, v in zip(jax.tree.leaves(state.params), jax.tree.leaves(b.params)))
+assert moved > 1e-4, moved   # the steps changed the parameters
+num = sum(float(np.sum((np.float64(u) - v) ** 2)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+den = sum(float(np.sum(np.float64(v) ** 2)) for v in jax.tree.leaves(b))
+print('RELATIVE_L2', jax.device_count(), (num / den) ** 0.5)
+"""
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_train_step_kind_options_compute_what_xla_defaults_compute(devices):
+  """The train step's own options (YNNPACK fusions off) give XLA's defaults' step.
+
+  Four steps on one and on two CPU devices, from the same state and batches,
+  compiled with ``host.cpu_compiler_options(mesh, kind='train_step')`` and with
+  XLA's default options: the whole state (parameters, EMA, Adam moments) agrees
+  to float32 rounding (Eigen and YNNPACK sum in different orders).
+  """
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run([sys.executable, '-c', KIND_SCRIPT, os.path.dirname(__file__)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  count, rel = proc.stdout.split('RELATIVE_L2')[1].split()
+  assert int(count) == devices
+  assert float(rel) < 1e-6, rel
+
+
 def test_min_snr_loss_weighting_reaches_the_train_step():
   from diffusion_jax import diffusion, timestep_sampler
   losses = {}
