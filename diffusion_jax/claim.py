@@ -306,26 +306,30 @@ def _token_of(data: bytes) -> Optional[str]:
     return None
 
 
+ACQUIRE_ATTEMPTS, TAKEOVER_LOCK_S = 30, 30.0   # looks while others race; a dead taker's lock
+
+
 def _take_over(path: epath.Path, stale: bytes, mine: Holder, *, settle_s: float) -> bool:
-  """Replaces the expired claim whose bytes are ``stale`` by ``mine``; whether it worked."""
+  """Replaces the expired claim ``stale`` by ``mine``: locally one run at a time (an exclusive
+  ``.claim.json.takeover``), in one rename, so the file never disappears. Whether it worked."""
   if not _is_local(path):
     if _read_bytes(path) != stale:
       return False
     path.unlink(missing_ok=True)
     return _create(path, mine, settle_s=settle_s)
-  aside = path.parent / f'.{path.name}.{mine.token}.expired'
-  try:
-    path.rename(aside)
-  except FileNotFoundError:   # another run moved it first
+  lock = path.parent / f'.{path.name}.takeover'
+  if not _create_exclusive(lock, mine.token.encode()):
+    with contextlib.suppress(OSError):   # a taker that died holding it: it is milliseconds' work
+      if time.time() - os.stat(os.fspath(lock)).st_mtime > TAKEOVER_LOCK_S:
+        lock.unlink(missing_ok=True)
     return False
   try:
-    if aside.read_bytes() != stale:   # renewed or replaced since it was judged: put it back
-      with contextlib.suppress(FileExistsError):
-        os.link(os.fspath(aside), os.fspath(path))
+    if _read_bytes(path) != stale:   # renewed or replaced since it was judged
       return False
+    storage.write_file(path, to_json(mine))   # a temporary file renamed over the claim
+    return True
   finally:
-    aside.unlink(missing_ok=True)
-  return _create(path, mine, settle_s=settle_s)
+    lock.unlink(missing_ok=True)
 
 
 def acquire(workdir, timeout_s: float, *, command: Optional[str] = None,
@@ -341,7 +345,9 @@ def acquire(workdir, timeout_s: float, *, command: Optional[str] = None,
   folder = workdir_lib.create(workdir)
   path = folder / CLAIM_FILE
   here = me(command, now=now())
-  for _ in range(5):
+  for attempt in range(ACQUIRE_ATTEMPTS):
+    if attempt:
+      time.sleep(0.1)   # another run is creating or taking over the claim right now
     try:
       current = _read_bytes(path)
       if current is None:
