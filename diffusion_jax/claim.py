@@ -25,9 +25,9 @@ the run started and last renewed the claim, its command line, a random token.
   (``training.claim_timeout_s``) after its last renewal (hosts' clocks are
   assumed to agree to well within that). A damaged claim file counts as
   renewed when it was last modified.
-* Takeover: the expired claim is renamed aside under a unique name, checked to
-  be the very claim judged expired (else put back and judged again), and the
-  new one created as above; one line says whose claim was taken over.
+* Takeover: one run at a time (an exclusive ``.claim.json.takeover`` file)
+  re-reads the claim and, if it is still the one judged expired, renames its
+  own over it, so the file never disappears; one line says whose claim was taken over.
 * Renew: a daemon thread rewrites the renewal time every ``min(60 s,
   timeout_s / 4)`` (``storage.write_file``) while the process lives, also
   through a long compile or a hung step: a live process may still write, so
