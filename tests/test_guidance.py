@@ -282,7 +282,8 @@ SHARDING_SCRIPT = r'''
 import sys
 sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np
-from diffusion_jax import data as data_lib, guidance, sampling, settings, train
+from jax.sharding import NamedSharding, PartitionSpec as P
+from diffusion_jax import data as data_lib, settings, train
 from test_guidance import _random_params, cond_config
 assert jax.device_count() == 8
 config = cond_config()
