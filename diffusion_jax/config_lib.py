@@ -155,6 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.distill = distill = ml_collections.ConfigDict()
   distill.start_steps = 64        # the teacher's DDIM steps (trailing grid); a power of two
   distill.final_steps = 1         # the last student's steps; a power of two <= start_steps
+  distill.teacher_steps = 2       # teacher DDIM steps per student step (2: halving, the paper)
   distill.steps_per_round = 400   # optimiser steps per halving
   distill.student_mean_type = 'v'  # x0 | v (eps cannot give x_0 at the first step)
   distill.lr = 5e-4               # Adam (half the digits teacher's rate); annealed within each round
@@ -351,9 +352,18 @@ def validate_distill(config) -> None:
     n = ds[key]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
       raise ValueError(f'distill.{key} must be a power of two (1, 2, 4, ...), got {n!r}.')
+  k = ds.teacher_steps
+  if isinstance(k, bool) or not isinstance(k, int) or k < 2 or k & (k - 1):
+    raise ValueError(f'distill.teacher_steps must be a power of two >= 2 (2, 4, 8, ...), got {k!r}.')
   if ds.final_steps >= ds.start_steps:
     raise ValueError(f'distill.final_steps={ds.final_steps} must be smaller than '
-                     f'distill.start_steps={ds.start_steps} (each round halves the steps).')
+                     f'distill.start_steps={ds.start_steps} (each round divides the steps '
+                     f'by distill.teacher_steps={k}).')
+  ratio_log2 = (ds.start_steps // ds.final_steps).bit_length() - 1   # log2(start / final)
+  if ratio_log2 % (k.bit_length() - 1):
+    raise ValueError(f'distill.start_steps={ds.start_steps} / distill.final_steps='
+                     f'{ds.final_steps} must be a power of distill.teacher_steps={k} '
+                     f'(each round divides the steps by {k}).')
   if ds.start_steps > config.diffusion.num_timesteps:
     raise ValueError(f'distill.start_steps={ds.start_steps} must be <= '
                      f'diffusion.num_timesteps={config.diffusion.num_timesteps}.')

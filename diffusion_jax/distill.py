@@ -5,7 +5,8 @@ The teacher is the workdir's EMA parameters, sampled with DDIM (eta = 0) in
 initialised from its teacher, to take one step where the teacher takes two
 (:mod:`diffusion_jax.distillation`), then the student becomes the next round's
 teacher: start_steps = 64, final_steps = 1 gives students of 32, 16, 8, 4, 2 and 1
-steps. Round N writes ``DIR/distilled/steps_<N>/``, a complete workdir: its
+steps (``distill.teacher_steps = 4``: 16, 4 and 1, one step for four). Round N
+writes ``DIR/distilled/steps_<N>/``, a complete workdir: its
 ``config.json`` (diffusion.mean_type of the student, ``sampling.sampler='ddim'``,
 ``num_steps=N``, ``skip_type='trailing'``, eta 0, guidance 0) and ``checkpoints/``
 (the training format), so ``--mode sample`` and ``--mode eval`` work on it.
@@ -17,7 +18,7 @@ round where its last checkpoint left it and skips the finished rounds.
 
 A class-conditional teacher is distilled with its labels at the fixed guidance
 ``sampling.guidance_scale`` (Meng et al. 2023): the teacher's guided output is
-what the two DDIM steps use, the student sees the labels and samples with
+what the DDIM steps use, the student sees the labels and samples with
 guidance 0.
 """
 
@@ -184,7 +185,7 @@ def run_round(teacher_config, config, teacher_params, out_dir, *, label: str,
   tr = config.training
   model = models.create_model(config)
   schedule = schedule_lib.schedule_from_config(config)
-  grid = dl.round_grid(schedule, int(config.sampling.num_steps))
+  grid = dl.round_grid(schedule, int(config.sampling.num_steps), config.distill.teacher_steps)
   optimizer = train.create_optimizer(config)
   mesh = train.make_mesh()
   if jax.process_index() == 0:
@@ -258,7 +259,7 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
   model = models.create_model(config)
   mesh = train.make_mesh()
   step, teacher_params = restore_ema_params(config, workdir, mesh, model)
-  counts = dl.round_step_counts(ds.start_steps, ds.final_steps)
+  counts = dl.round_step_counts(ds.start_steps, ds.final_steps, ds.teacher_steps)
   _say(f'Distilling {workdir} (checkpoint step {step}, {config.diffusion.mean_type}-prediction) '
        f'from {ds.start_steps} DDIM steps: students of {", ".join(map(str, counts))} steps, '
        f'{ds.steps_per_round} optimiser steps each.')
@@ -267,7 +268,7 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
   for r, n in enumerate(counts, 1):
     cfg = student_config(config, n)
     out = round_dir(workdir, n)
-    label = f'round {r}/{len(counts)}: {2 * n}->{n} steps'
+    label = f'round {r}/{len(counts)}: {ds.teacher_steps * n}->{n} steps'
     done = ckpt.latest_step(out) if ckpt.checkpoint_dir(out).exists() else None
     if done is not None and done >= cfg.training.num_train_steps:
       _say(f'{label}: {out} is complete (step {done}); skipping.')

@@ -12,9 +12,13 @@ at the last step (abar_t'' = 1, sigma_t'' = 0) x~ = z_t''. The loss is the
 x_0-space squared error weighted by the truncated SNR, max(alpha_t^2 / sigma_t^2, 1)
 (§4, "truncated SNR weighting").
 
-Time grid: the 2N teacher steps run on :func:`timesteps.trailing_timesteps`
+The same target serves a round whose teacher takes K > 2 steps per student step
+(z_t'' is then the end of K DDIM steps): K = 4 quarters the steps per round, so
+64 -> 1 takes three rounds instead of six.
+
+Time grid: the K N teacher steps run on :func:`timesteps.trailing_timesteps`
 (the grid that starts at T-1, where abar_{T-1} is the smallest abar the
-schedule has), and the student's N steps are every other point of it, so the
+schedule has), and the student's N steps are every K-th point of it, so the
 student samples with ``ddim_sample_loop(..., num_steps=N, skip_type='trailing')``.
 No config here: every function takes arrays and plain values.
 """
@@ -34,35 +38,47 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class RoundGrid(NamedTuple):
-  """The student's N steps of one round, each made of two teacher steps t -> t' -> t''.
+  """The student's N steps of one round, each made of K teacher steps t -> ... -> t_end.
 
-  Entry i (i = 0 is the first, noisiest step): ``t`` and ``t_mid`` are zero-based
-  timesteps (int32 [N]); ``abar``, ``abar_mid``, ``abar_end`` are abar at t, t'
-  and t'' (abar_end = 1 at the last step), float [N].
+  Entry i (i = 0 is the first, noisiest step): ``t`` the student's zero-based
+  timestep (int32 [N]); ``t_path`` the K teacher timesteps of that step (int32
+  [N, K], ``t_path[:, 0] == t``); ``abar_path`` abar at those K points and at the
+  step's end (float [N, K + 1], the end is 1 after the last step); ``abar`` and
+  ``abar_end`` are its first and last columns. K = 2 is the paper's round.
   """
   t: jax.Array
-  t_mid: jax.Array
-  abar: jax.Array
-  abar_mid: jax.Array
-  abar_end: jax.Array
+  t_path: jax.Array
+  abar_path: jax.Array
+
+  @property
+  def abar(self) -> jax.Array:
+    return self.abar_path[:, 0]
+
+  @property
+  def abar_end(self) -> jax.Array:
+    return self.abar_path[:, -1]
+
+  @property
+  def teacher_steps(self) -> int:
+    return int(self.t_path.shape[1])
 
 
-def round_grid(s: Schedule, student_steps: int) -> RoundGrid:
-  """The grid of a round whose student takes ``student_steps`` steps (teacher: twice as many).
+def round_grid(s: Schedule, student_steps: int, teacher_steps: int = 2) -> RoundGrid:
+  """The grid of a round whose student takes ``student_steps`` steps, its teacher K times as many.
 
-  The teacher's 2N-step trailing grid, descending, is tau_0 = T-1 > tau_1 > ...;
-  student step i goes from tau_{2i} via tau_{2i+1} to tau_{2i+2} (to abar = 1 after
-  the last point). Needs a concrete (non-traced) schedule.
+  The teacher's K N-step trailing grid, descending, is tau_0 = T-1 > tau_1 > ...;
+  student step i goes from tau_{K i} through tau_{K i + 1}, ... to tau_{K i + K}
+  (to abar = 1 after the last point). Needs a concrete (non-traced) schedule.
   """
-  n = int(student_steps)
-  desc = timesteps_lib.trailing_timesteps(s.num_timesteps, 2 * n)[::-1]
+  n, k = int(student_steps), int(teacher_steps)
+  desc = timesteps_lib.trailing_timesteps(s.num_timesteps, k * n)[::-1]
   abar = np.asarray(s.alphas_cumprod, np.float64)
   abar_ext = np.append(abar[desc], 1.0)     # abar after the last teacher step: 1
+  path = np.arange(n)[:, None] * k + np.arange(k + 1)[None, :]    # [N, K + 1] indices
   dtype = s.alphas_cumprod.dtype
-  return RoundGrid(t=jnp.asarray(desc[0::2], jnp.int32), t_mid=jnp.asarray(desc[1::2], jnp.int32),
-                   abar=jnp.asarray(abar_ext[0:-1:2], dtype),
-                   abar_mid=jnp.asarray(abar_ext[1::2], dtype),
-                   abar_end=jnp.asarray(abar_ext[2::2], dtype))
+  return RoundGrid(t=jnp.asarray(desc[0::k], jnp.int32),
+                   t_path=jnp.asarray(desc[path[:, :k]], jnp.int32),
+                   abar_path=jnp.asarray(abar_ext[path], dtype))
 
 
 def _bcast(a, x):
@@ -84,13 +100,13 @@ def ddim_eta0(s: Schedule, model_fn: ModelFn, z, t, abar, abar_to, *, mean_type:
   return z_to
 
 
-def teacher_two_steps(s: Schedule, teacher_fn: ModelFn, z, grid: RoundGrid, i, *,
-                      mean_type: str, clip_denoised: bool):
-  """z_t'' from z_t: the teacher's two DDIM steps t -> t' -> t'' of student steps ``i`` [B]."""
-  z_mid = ddim_eta0(s, teacher_fn, z, grid.t[i], grid.abar[i], grid.abar_mid[i],
-                    mean_type=mean_type, clip_denoised=clip_denoised)
-  return ddim_eta0(s, teacher_fn, z_mid, grid.t_mid[i], grid.abar_mid[i], grid.abar_end[i],
-                   mean_type=mean_type, clip_denoised=clip_denoised)
+def teacher_steps(s: Schedule, teacher_fn: ModelFn, z, grid: RoundGrid, i, *,
+                  mean_type: str, clip_denoised: bool):
+  """z at the end of student steps ``i`` [B]: the teacher's K DDIM steps along ``grid.t_path[i]``."""
+  for j in range(grid.teacher_steps):
+    z = ddim_eta0(s, teacher_fn, z, grid.t_path[i, j], grid.abar_path[i, j],
+                  grid.abar_path[i, j + 1], mean_type=mean_type, clip_denoised=clip_denoised)
+  return z
 
 
 def distillation_target(z, z_end, abar, abar_end):
@@ -128,18 +144,21 @@ def student_loss(s: Schedule, student_fn: ModelFn, teacher_fn: ModelFn, x, noise
   """
   abar = grid.abar[i]
   z = _bcast(jnp.sqrt(abar), x) * x + _bcast(jnp.sqrt(1.0 - abar), x) * noise
-  z_end = teacher_two_steps(s, teacher_fn, z, grid, i, mean_type=teacher_mean_type,
-                            clip_denoised=clip_denoised)
+  z_end = teacher_steps(s, teacher_fn, z, grid, i, mean_type=teacher_mean_type,
+                        clip_denoised=clip_denoised)
   target = jax.lax.stop_gradient(distillation_target(z, z_end, abar, grid.abar_end[i]))
   x_hat = student_x0(s, student_fn, z, grid.t[i], mean_type=student_mean_type)
   mse = diffusion.mean_flat(jnp.square(x_hat - target))
   return dict(loss=truncated_snr_weight(abar) * mse, mse=mse, target=target)
 
 
-def round_step_counts(start_steps: int, final_steps: int) -> list:
-  """The students' step counts: start/2, start/4, ..., final (e.g. 64, 1 -> [32, 16, 8, 4, 2, 1])."""
+def round_step_counts(start_steps: int, final_steps: int, teacher_steps: int = 2) -> list:
+  """The students' step counts: start/K, start/K^2, ..., final.
+
+  K = 2: 64, 1 -> [32, 16, 8, 4, 2, 1]; K = 4: 64, 1 -> [16, 4, 1].
+  """
   out, n = [], int(start_steps)
   while n > int(final_steps):
-    n //= 2
+    n //= int(teacher_steps)
     out.append(n)
   return out

@@ -71,40 +71,58 @@ def test_round_grid_against_numpy():
   desc = [999, 874, 749, 624, 499, 374, 249, 124]   # round(1000 - 125 j) - 1
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
   np.testing.assert_array_equal(g.t, desc[0::2])
-  np.testing.assert_array_equal(g.t_mid, desc[1::2])
+  np.testing.assert_array_equal(g.t_path, np.reshape(desc, (4, 2)))
   np.testing.assert_allclose(g.abar, abar[desc[0::2]], rtol=1e-5)
-  np.testing.assert_allclose(g.abar_mid, abar[desc[1::2]], rtol=1e-5)
+  np.testing.assert_allclose(g.abar_path[:, 1], abar[desc[1::2]], rtol=1e-5)
   np.testing.assert_allclose(g.abar_end, list(abar[desc[2::2]]) + [1.0], rtol=1e-5)
+
+
+def test_round_grid_of_four_teacher_steps_against_numpy():
+  s = make_schedule('linear', 1000)
+  g = dl.round_grid(s, 2, teacher_steps=4)
+  desc = [999, 874, 749, 624, 499, 374, 249, 124]
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  assert g.teacher_steps == 4
+  np.testing.assert_array_equal(g.t, [999, 499])
+  np.testing.assert_array_equal(g.t_path, [desc[:4], desc[4:]])
+  np.testing.assert_allclose(g.abar_path, [abar[desc[:5]], list(abar[desc[4:]]) + [1.0]],
+                             rtol=1e-5)
+  np.testing.assert_allclose(g.abar_end, [abar[499], 1.0], rtol=1e-5)
 
 
 def test_round_step_counts():
   assert dl.round_step_counts(64, 1) == [32, 16, 8, 4, 2, 1]
   assert dl.round_step_counts(8, 2) == [4, 2]
+  assert dl.round_step_counts(64, 1, 4) == [16, 4, 1]
+  assert dl.round_step_counts(64, 4, 16) == [4]
 
 
-@pytest.mark.parametrize('mean_type', ['eps', 'x0', 'v'])
-def test_target_reproduces_two_teacher_steps(mean_type):
-  """One DDIM step with x~ as the x_0 prediction lands on the teacher's z_t'' (NumPy reference)."""
+@pytest.mark.parametrize('mean_type,k', [('eps', 2), ('x0', 2), ('v', 2), ('eps', 4)])
+def test_target_reproduces_the_teacher_steps(mean_type, k):
+  """One DDIM step with x~ as the x_0 prediction lands where the teacher's K steps do (NumPy)."""
   s = make_schedule('linear', 1000)
   n = 4
-  g = dl.round_grid(s, n)
+  g = dl.round_grid(s, n, k)
   z = jax.random.normal(jax.random.PRNGKey(0), (n,) + SHAPE[1:])
   i = jnp.arange(n)   # every student step, the last one (to abar = 1) included
-  z_end = dl.teacher_two_steps(s, teacher(s, mean_type), z, g, i, mean_type=mean_type,
-                               clip_denoised=False)
+  z_end = dl.teacher_steps(s, teacher(s, mean_type), z, g, i, mean_type=mean_type,
+                           clip_denoised=False)
   target = np.asarray(dl.distillation_target(z, z_end, g.abar[i], g.abar_end[i]), np.float64)
   abar_all = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
-  for k in range(n):
-    a, a_mid = abar_all[int(g.t[k])], abar_all[int(g.t_mid[k])]
-    a_end = 1.0 if k == n - 1 else abar_all[int(g.t[k + 1])]
-    zk = np.asarray(z[k], np.float64)
-    ref = np_ddim(np_ddim(zk, a, a_mid), a_mid, a_end)
-    np.testing.assert_allclose(np.asarray(z_end[k]), ref, rtol=2e-4, atol=2e-4)
-    # The student's single DDIM step t -> t'' with x_0 = x~ (eq. 12, eta = 0).
-    eps_student = (zk - np.sqrt(a) * target[k]) / np.sqrt(1 - a)
-    one_step = np.sqrt(a_end) * target[k] + np.sqrt(1 - a_end) * eps_student
+  desc = list(timesteps.trailing_timesteps(1000, k * n)[::-1])
+  for m in range(n):
+    path = [abar_all[t] for t in desc[k * m:k * m + k + 1]] + [1.0]   # K + 1 points (+ 1)
+    a, a_end = path[0], path[k]
+    ref = np.asarray(z[m], np.float64)
+    for j in range(k):
+      ref = np_ddim(ref, path[j], path[j + 1])
+    np.testing.assert_allclose(np.asarray(z_end[m]), ref, rtol=2e-4, atol=2e-4)
+    # The student's single DDIM step t -> t_end with x_0 = x~ (eq. 12, eta = 0).
+    zm = np.asarray(z[m], np.float64)
+    eps_student = (zm - np.sqrt(a) * target[m]) / np.sqrt(1 - a)
+    one_step = np.sqrt(a_end) * target[m] + np.sqrt(1 - a_end) * eps_student
     np.testing.assert_allclose(one_step, ref, rtol=2e-4, atol=2e-4)
-  # At the last step x~ is z_t'' itself.
+  # At the last step x~ is the teacher's end point itself.
   np.testing.assert_allclose(target[-1], np.asarray(z_end[-1]), rtol=1e-6, atol=1e-6)
 
 
@@ -122,7 +140,7 @@ def _ideal_student(s, grid, teacher_fn, teacher_mean, student_mean):
   """A student whose x_0 prediction is exactly x~ (its output expressed as ``student_mean``)."""
   def fn(z, t):
     i = jnp.argmax(grid.t[None, :] == t[:, None], axis=1)
-    z_end = dl.teacher_two_steps(s, teacher_fn, z, grid, i, mean_type=teacher_mean,
+    z_end = dl.teacher_steps(s, teacher_fn, z, grid, i, mean_type=teacher_mean,
                                  clip_denoised=False)
     x0 = dl.distillation_target(z, z_end, grid.abar[i], grid.abar_end[i])
     abar = grid.abar[i].reshape((-1,) + (1,) * (z.ndim - 1))

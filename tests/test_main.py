@@ -117,6 +117,9 @@ def _tiny_digits(**overrides):
     ({'distill.start_steps': 48}, 'distill', 'distill.start_steps must be a power of two'),
     ({'distill.final_steps': 128}, 'distill', 'must be smaller than distill.start_steps'),
     ({'distill.student_mean_type': 'eps'}, 'distill', "distill.student_mean_type='eps'"),
+    ({'distill.teacher_steps': 3}, 'distill', 'distill.teacher_steps must be a power of two >= 2'),
+    ({'distill.teacher_steps': 4, 'distill.start_steps': 32}, 'distill',
+     'distill.start_steps=32 / distill.final_steps=1 must be a power of distill.teacher_steps=4'),
     ({}, 'distill', 'no checkpoint in'),
 ])
 def test_bad_config_or_mode_is_one_line_and_exit_2(tmp_path, capsys, overrides, mode, expected):
