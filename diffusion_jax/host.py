@@ -13,9 +13,9 @@ The train step turns jaxlib 0.10's YNNPACK fusions off
 (``xla_cpu_experimental_ynn_fusion_type=''``, a per-compile option). That was
 reported 1.1-1.3x faster on an AVX-512 machine, and measured as fast as the
 default on another. It computes the default's step to float32 rounding
-(``tests/test_train.py``). Samplers keep them: with them off, a U-Net inside a
-``while`` loop on two CPU devices computed wrong images
-(``benchmarks/ynn_repro.py``,
+(``tests/test_train.py``). Samplers keep them: with them off, XLA:CPU executes
+the dots itself, and those dots inside a ``while`` loop race when two CPU
+devices run at once, giving wrong images (``benchmarks/ynn_repro.py``,
 ``tests/test_host.py::test_two_cpu_devices_sample_what_one_device_samples``).
 
 Only the CPU backend is affected (``jax_num_cpu_devices``); on GPU and TPU

@@ -268,7 +268,7 @@ batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], train.b
            for _ in range(4)]
 lowered = train.make_train_fn(config, model, schedule, optimizer, mesh).lower(state, batches[0])
 ours, ref = (lowered.compile(compiler_options=o) for o in (options, XLA_DEFAULT_LEVEL))
-# With YNNPACK off, a U-Net inside a while loop raced on two devices (benchmarks/ynn_repro.py):
+# With YNNPACK off, dots inside a while loop raced on two devices (benchmarks/ynn_repro.py):
 # the step's only loops are the RNG's (integer arithmetic), with no convolution or dot inside.
 import re
 text = ours.as_text()
