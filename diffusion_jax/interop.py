@@ -35,7 +35,7 @@ The level order of the up path is reversed: our ``up_{i}`` (resolution
 
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 from etils import epath
 import jax

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import distill
