@@ -19,6 +19,7 @@ from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import train
 from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.evaluation import nfe_curve
 
 TINY = {
     'model.ch': 8, 'model.ch_mult': (1, 2), 'model.num_res_blocks': 1, 'model.num_groups': 4,
@@ -82,6 +83,12 @@ def test_rounds_write_complete_student_workdirs_and_rerun_skips(teacher, tmp_pat
   assert out.count('is complete (step 4); skipping.') == 2
   assert os.path.getmtime(workdir / 'distilled' / 'steps_1' / 'checkpoints' / '4') == mtime
   chex.assert_trees_all_close(again[1], students[1], rtol=0, atol=0)
+  # The nfe_curve part finds both students and samples each with its own config in N calls.
+  found = nfe_curve.distilled_students(str(workdir))
+  assert [n for n, _ in found] == [1, 2]
+  for n, path in found:
+    images, calls = nfe_curve._draw_student(path, jax.random.PRNGKey(0), 4, (8, 8, 1), 4, n)  # pylint: disable=protected-access
+    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8 and calls == n
 
 
 def _fixed_loss(config, teacher_config, params, teacher_params):

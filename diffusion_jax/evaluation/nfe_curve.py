@@ -11,7 +11,10 @@ well its samples match the data at that budget:
   (Nichol & Dhariwal 2021, §4: ``sampling.ancestral_steps``), N calls;
 - ``ode``: the probability-flow ODE (:mod:`diffusion_jax.sde`) with an adaptive
   solver at each tolerance of ``eval.nfe_ode_rtols``; its NFE is what the
-  solver needed, averaged over the chunks.
+  solver needed, averaged over the chunks;
+- ``distilled``: every student of ``--mode distill`` found in
+  ``DIR/distilled/steps_<N>/`` (its own EMA parameters and config: DDIM in N
+  steps on the trailing grid), N calls, from the same x_T.
 
 For each (sampler, budget) of ``eval.nfe_calls`` it draws
 ``eval.num_fid_samples`` images (the same x_T for every sampler) and scores
@@ -31,8 +34,10 @@ import time
 import jax
 import numpy as np
 
+from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import samplers
 from diffusion_jax import settings
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.evaluation import guidance_sweep
 from diffusion_jax.evaluation import runtime as rt
 from diffusion_jax.evaluation import samples
@@ -42,6 +47,7 @@ COLUMNS = ('sampler', 'nfe', 'num_samples', 'wall_s', 'classifier_frechet_at_n',
            'classifier_frechet_real_at_n', 'classifier_kid', 'classifier_kid_std', 'fid', 'kid',
            'inception_score')
 RNG_NFE = 0x0FE   # folded into PRNGKey(config.seed): every sampler starts from the same x_T
+STUDENT = 'distilled'   # the sampler name of the distilled students' rows
 
 
 def nfe_spec(spec: samplers.SamplerSpec, sampler: str, calls: int) -> samplers.SamplerSpec:
@@ -53,6 +59,18 @@ def nfe_spec(spec: samplers.SamplerSpec, sampler: str, calls: int) -> samplers.S
   if sampler == 'ancestral':
     return spec.replace(name='ancestral', num_steps=calls)
   raise ValueError(f'nfe_curve: unknown sampler {sampler!r}; allowed: {", ".join(SAMPLERS)}.')
+
+
+def distilled_students(workdir: str) -> list[tuple[int, str]]:
+  """(N, path) of the N-step students ``DIR/distilled/steps_<N>`` that have a checkpoint, by N."""
+  root = workdir_lib.as_path(workdir) / 'distilled'
+  found = []
+  if root.exists():
+    for path in root.iterdir():
+      name = path.name
+      if name.startswith('steps_') and name[6:].isdigit() and (path / 'checkpoints').exists():
+        found.append((int(name[6:]), str(path)))
+  return sorted(found)
 
 
 def _cached_set(workdir: str, step: int, name: str, num: int, draw):
@@ -100,6 +118,11 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params, step: int = 0) -
             lambda rtol=rtol: draw(spec.replace(name='ode', rtol=rtol, atol=rtol),
                                    f'  ode {rtol:g}'))
            for rtol in ev.nfe_ode_rtols]
+  for n, path in distilled_students(workdir):
+    # The cache name holds the student's own checkpoint step: a retrained student draws again.
+    draw_student = lambda n=n, path=path: _draw_student(  # noqa: E731
+        path, rng, num, settings.image_shape(config), config.sampling.batch_size, n)
+    runs.append((f'{STUDENT}_{n}_at{ckpt.latest_step(path)}', STUDENT, draw_student))
   rows = []
   for name, sampler, draw_set in runs:
     images, nfe, wall = _cached_set(workdir, step, name, num, draw_set)
@@ -110,6 +133,17 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params, step: int = 0) -
     rt.say(f'  {sampler:12s} {nfe:6.1f} model calls: {wall:7.1f} s'
            + ('' if shown is None else f', distance {shown:.3f}'))
   return rows
+
+
+def _draw_student(path: str, rng, num: int, image_shape, batch_size: int, n: int):
+  """(images, calls) of the student in ``path`` with its own sampler (its config.json)."""
+  config = workdir_lib.read_config(path)
+  model, schedule, _, _, params = rt.restore_for_eval(config, path)
+  images, _, nfe = samples.generate_labeled_samples(
+      settings.sampler_spec(config), settings.conditioning(config), schedule,
+      rt.apply_fn_for(model), params, rng, num, image_shape=image_shape,
+      batch_size=batch_size, desc=f'  {STUDENT} {n}', progress=False, with_nfe=True)
+  return images, nfe
 
 
 def write_nfe_curve(rows: list[dict], eval_dir: str) -> tuple[str, str]:
