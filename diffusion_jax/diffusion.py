@@ -168,7 +168,11 @@ def p_mean_variance(s: Schedule, model_output, x_t, t, *, mean_type: str = 'eps'
     if var_type == 'fixed_small':
       var, log_var = s.posterior_variance, s.posterior_log_variance_clipped
     else:
-      var = jnp.concatenate([s.posterior_variance[1:2], s.betas[1:]])
+      # fixed_large: beta_t, with the posterior variance at t = 1 in place of
+      # beta_0 (Ho et al. 2020, §3.2; improved-diffusion); a one-step schedule
+      # (a respaced chain of 1) has only beta_0, whose noise is never added.
+      var = (jnp.concatenate([s.posterior_variance[1:2], s.betas[1:]])
+             if s.betas.shape[0] > 1 else s.betas)
       log_var = jnp.log(var)
     variance = jnp.broadcast_to(extract(var, t, x_t.shape), x_t.shape)
     log_variance = jnp.broadcast_to(extract(log_var, t, x_t.shape), x_t.shape)

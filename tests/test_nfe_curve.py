@@ -42,6 +42,30 @@ def test_respaced_ancestral_calls_the_model_n_times_at_the_grid():
   assert seen == sorted(sampling.uniform_timesteps(1000, 5).tolist(), reverse=True)
 
 
+@pytest.mark.parametrize('var_type', ['fixed_large', 'fixed_small'])
+def test_one_step_ancestral_returns_the_clipped_x0_prediction(var_type):
+  """A respaced chain of one step: no noise at its only step, x_0 = clip(x0_hat(x_T))."""
+  config = config_lib.digits_config()
+  config.sampling.sampler, config.sampling.ancestral_steps = 'ancestral', 1
+  config.diffusion.var_type = var_type
+  s = schedule_lib.make_schedule('linear', 1000)
+  spec = settings.sampler_spec(config)
+  x_T = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  seen = []
+
+  def model_fn(x, t):
+    jax.debug.callback(lambda t: seen.append(int(t[0])), t)
+    return 0.5 * x
+
+  x0, nfe = samplers.run(spec, s, model_fn, jax.random.PRNGKey(1), x_T.shape, x_T=x_T)
+  jax.block_until_ready(x0)
+  (t_only,) = seen
+  abar = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[t_only])
+  expected = np.clip((x_T - np.sqrt(1 - abar) * 0.5 * x_T) / np.sqrt(abar), -1, 1)
+  assert int(nfe) == 1
+  np.testing.assert_allclose(x0, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_nfe_curve_writes_one_row_per_sampler_and_budget(tmp_path):
   config = config_lib.digits_config()
