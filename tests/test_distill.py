@@ -84,9 +84,10 @@ def test_rounds_write_complete_student_workdirs_and_rerun_skips(teacher, tmp_pat
   assert os.path.getmtime(workdir / 'distilled' / 'steps_1' / 'checkpoints' / '4') == mtime
   chex.assert_trees_all_close(again[1], students[1], rtol=0, atol=0)
   # The nfe_curve part finds both students and samples each with its own config in N calls.
+  (workdir / 'distilled' / 'steps_8' / 'checkpoints').mkdir(parents=True)  # no checkpoint yet
   found = nfe_curve.distilled_students(str(workdir))
-  assert [n for n, _ in found] == [1, 2]
-  for n, path in found:
+  assert [(n, step) for n, _, step in found] == [(1, 4), (2, 4)]
+  for n, path, _ in found:
     images, calls = nfe_curve._draw_student(path, jax.random.PRNGKey(0), 4, (8, 8, 1), 4, n)  # pylint: disable=protected-access
     assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8 and calls == n
 

@@ -61,15 +61,21 @@ def nfe_spec(spec: samplers.SamplerSpec, sampler: str, calls: int) -> samplers.S
   raise ValueError(f'nfe_curve: unknown sampler {sampler!r}; allowed: {", ".join(SAMPLERS)}.')
 
 
-def distilled_students(workdir: str) -> list[tuple[int, str]]:
-  """(N, path) of the N-step students ``DIR/distilled/steps_<N>`` that have a checkpoint, by N."""
+def distilled_students(workdir: str) -> list[tuple[int, str, int]]:
+  """(N, path, checkpoint step) of the N-step students ``DIR/distilled/steps_<N>``, by N.
+
+  Only students with a finished checkpoint (a round stopped before its first
+  save has none).
+  """
   root = workdir_lib.as_path(workdir) / 'distilled'
   found = []
   if root.exists():
     for path in root.iterdir():
       name = path.name
-      if name.startswith('steps_') and name[6:].isdigit() and (path / 'checkpoints').exists():
-        found.append((int(name[6:]), str(path)))
+      if name.startswith('steps_') and name[6:].isdigit():
+        step = ckpt.latest_step(path)
+        if step is not None:
+          found.append((int(name[6:]), str(path), int(step)))
   return sorted(found)
 
 
@@ -118,11 +124,11 @@ def nfe_curve(config, workdir: str, schedule, apply_fn, params, step: int = 0) -
             lambda rtol=rtol: draw(spec.replace(name='ode', rtol=rtol, atol=rtol),
                                    f'  ode {rtol:g}'))
            for rtol in ev.nfe_ode_rtols]
-  for n, path in distilled_students(workdir):
+  for n, path, student_step in distilled_students(workdir):
     # The cache name holds the student's own checkpoint step: a retrained student draws again.
     draw_student = lambda n=n, path=path: _draw_student(  # noqa: E731
         path, rng, num, settings.image_shape(config), config.sampling.batch_size, n)
-    runs.append((f'{STUDENT}_{n}_at{ckpt.latest_step(path)}', STUDENT, draw_student))
+    runs.append((f'{STUDENT}_{n}_at{student_step}', STUDENT, draw_student))
   rows = []
   for name, sampler, draw_set in runs:
     images, nfe, wall = _cached_set(workdir, step, name, num, draw_set)
