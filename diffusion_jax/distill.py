@@ -46,6 +46,7 @@ from diffusion_jax import runner
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import settings
 from diffusion_jax import train
+from diffusion_jax import train_state
 from diffusion_jax import workdir as workdir_lib
 
 DISTILLED_DIR = 'distilled'
@@ -80,18 +81,6 @@ def student_config(config, steps: int):
   for key in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
     c.training[key] = min(int(c.training[key]), int(ds.steps_per_round))
   return c
-
-
-def restore_ema_params(config, workdir, mesh, model):
-  """(step, EMA params) of ``workdir``'s newest readable checkpoint (``config`` gives its structure)."""
-  abstract = jax.eval_shape(
-      functools.partial(train.create_train_state, config, model, train.create_optimizer(config)),
-      jax.random.PRNGKey(config.seed))
-  replicated = NamedSharding(mesh, P())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        abstract)
-  step, state = ckpt.restore_params(workdir, target)
-  return int(step), state.ema_params
 
 
 def teacher_model_fn(config, model, params, y):
@@ -258,7 +247,7 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
   ds = config.distill
   model = models.create_model(config)
   mesh = train.make_mesh()
-  step, teacher_params = restore_ema_params(config, workdir, mesh, model)
+  step, teacher_params = train_state.restore_params(config, model, workdir, mesh)
   counts = dl.round_step_counts(ds.start_steps, ds.final_steps, ds.teacher_steps)
   _say(f'Distilling {workdir} (checkpoint step {step}, {config.diffusion.mean_type}-prediction) '
        f'from {ds.start_steps} DDIM steps: students of {", ".join(map(str, counts))} steps, '
@@ -269,10 +258,10 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
     cfg = student_config(config, n)
     out = round_dir(workdir, n)
     label = f'round {r}/{len(counts)}: {ds.teacher_steps * n}->{n} steps'
-    done = ckpt.latest_step(out) if ckpt.checkpoint_dir(out).exists() else None
+    done = ckpt.latest_step(out)   # None without a checkpoint
     if done is not None and done >= cfg.training.num_train_steps:
       _say(f'{label}: {out} is complete (step {done}); skipping.')
-      _, teacher_params = restore_ema_params(cfg, out, mesh, model)
+      _, teacher_params = train_state.restore_params(cfg, model, out, mesh)
     else:
       teacher_params, timing[n] = run_round(teacher_config, cfg, teacher_params, out, label=label,
                                             stop_at=stop_at)

@@ -5,13 +5,16 @@ checkpoint for sampling or evaluation needs only the state's shape
 (``jax.eval_shape`` of :func:`create_train_state`), never the loop.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
+from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import settings
 from diffusion_jax import timestep_sampler
 
@@ -67,3 +70,21 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
     history = timestep_sampler.init_history(config.diffusion.num_timesteps)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=optimizer.init(params), rng=state_rng, loss_history=history)
+
+
+def restore_params(config, model, workdir, mesh: Mesh, *, step: Optional[int] = None,
+                   use_ema: bool = True) -> tuple[int, Any]:
+  """(step, params) of ``workdir``'s newest finished checkpoint (or ``step``), replicated on ``mesh``.
+
+  Restored onto the abstract shape of the training state (``jax.eval_shape`` of
+  :func:`create_train_state` for ``config`` and ``model``), so nothing is
+  initialised or compiled for it; the EMA parameters, or the raw ones.
+  """
+  abstract = jax.eval_shape(
+      functools.partial(create_train_state, config, model, create_optimizer(config)),
+      jax.random.PRNGKey(config.seed))
+  replicated = NamedSharding(mesh, P())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        abstract)
+  step, state = ckpt.restore_params(workdir, target, step=step)
+  return int(step), state.ema_params if use_ema else state.params

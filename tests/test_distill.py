@@ -18,6 +18,7 @@ from diffusion_jax import distill
 from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import train
+from diffusion_jax import train_state
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.evaluation import nfe_curve
 
@@ -112,8 +113,8 @@ def test_one_round_lowers_its_loss(teacher, tmp_path, teacher_steps, final):
                           'distill.lr': 1e-3, 'training.checkpoint_every_steps': 30,
                           'training.log_every_steps': 10})
   mesh = train.make_mesh()
-  _, teacher_params = distill.restore_ema_params(config, workdir, mesh,
-                                                 models.create_model(config))
+  _, teacher_params = train_state.restore_params(config, models.create_model(config), workdir,
+                                                 mesh)
   students = distill.distill(config, str(workdir))
   assert list(students) == [final]
   cfg = distill.student_config(config, final)

@@ -18,7 +18,6 @@ files; every process takes part in the (sharded) computations.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import os
@@ -30,7 +29,6 @@ from jax.sharding import Mesh
 import numpy as np
 from tqdm import tqdm
 
-from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
 from diffusion_jax import models
 from diffusion_jax import schedule as schedule_lib
@@ -210,12 +208,7 @@ def restore_for_eval(config, workdir: str, *, step: Optional[int] = None,
   model = models.create_model(config)
   schedule = schedule_lib.schedule_from_config(config)
   mesh = runner.make_mesh()
-  abstract = jax.eval_shape(
-      functools.partial(train_state.create_train_state, config, model,
-                        train_state.create_optimizer(config)),
-      jax.random.PRNGKey(config.seed))
-  rep = runner.replicated(mesh)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
-  step, state = ckpt.restore_params(workdir, target, step=step)
   use_ema = config.sampling.use_ema if use_ema is None else use_ema
-  return model, schedule, mesh, int(step), state.ema_params if use_ema else state.params
+  step, params = train_state.restore_params(config, model, workdir, mesh, step=step,
+                                            use_ema=use_ema)
+  return model, schedule, mesh, step, params
