@@ -111,6 +111,7 @@ def test_checkpoint_of_another_model_is_not_called_damaged(saved, tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']   # nothing moved
 
 
+@pytest.mark.slow
 def test_training_resumes_past_a_damaged_checkpoint_and_matches(tmp_path, capsys):
   """A truncated newest checkpoint: the rerun resumes from the older one and ends equal."""
   config = tiny_config(**{'training.num_train_steps': 4, 'training.checkpoint_every_steps': 2,

@@ -104,7 +104,8 @@ def _fixed_loss(config, teacher_config, params, teacher_params):
   return float(np.mean(losses))
 
 
-@pytest.mark.parametrize('teacher_steps,final', [(2, 2), (4, 1)])
+@pytest.mark.parametrize('teacher_steps,final',
+                         [(2, 2), pytest.param(4, 1, marks=pytest.mark.slow)])
 def test_one_round_lowers_its_loss(teacher, tmp_path, teacher_steps, final):
   """One round (4 -> 2 steps, or 4 -> 1 with four teacher steps per student step)."""
   workdir = _copy(teacher, tmp_path)

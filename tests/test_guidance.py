@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import config_lib, data as data_lib, guidance, models
-from diffusion_jax import samplers, sampling, settings, train
+from diffusion_jax import samplers, settings, train
 from diffusion_jax.evaluation import classifier_metrics
 from diffusion_jax.evaluation import guidance_sweep, samples
 from diffusion_jax.schedule import make_schedule
@@ -57,6 +57,7 @@ def test_parameter_counts_unconditional_and_conditional():
   assert models.count_params(cond) == DIGITS_PARAMS + 11 * 128
 
 
+@pytest.mark.slow
 def test_labels_change_the_output_and_none_is_the_null_token():
   config = cond_config()
   model, params = _init(config)
