@@ -1,6 +1,6 @@
 r"""Our CPU train step under glibc ``malloc`` settings set at run time (``mallopt``).
 
-    python benchmarks/bench_malloc.py [--modes default,no_mmap,arenas4,arenas1] \
+    python benchmarks/bench_malloc.py [--modes default,no_mmap,arenas4,arenas2,arenas1,library] \
         [--steps 20] [--rounds 3] [--repeats 2]
 
 The digits train step's temporary buffers (116 MB) are larger than glibc's
@@ -13,9 +13,12 @@ minor page faults per step (``getrusage``):
 - ``default``: glibc as it is;
 - ``no_mmap``: ``M_MMAP_MAX=0`` (no allocation is a fresh ``mmap``) and
   ``M_TRIM_THRESHOLD=1 GiB`` (freed memory stays with the process);
-- ``arenas4`` / ``arenas1``: ``no_mmap`` with ``M_ARENA_MAX`` 4 / 1, so that
+- ``arenas4`` / ``arenas2`` / ``arenas1``: ``no_mmap`` with ``M_ARENA_MAX`` 4 / 2 / 1, so that
   the threads share a few arenas instead of growing and dropping their own
   heaps.
+- ``library``: what the command line's training program sets
+  (``training.cpu_malloc='reuse'``, ``host.configure_malloc``: ``arenas2`` on
+  2 devices), set as it sets it, before JAX starts.
 
 Modes alternate over ``--repeats`` passes, one process each (``--worker``), so
 drift on the machine falls on every mode alike. Linux with glibc only.
@@ -31,27 +34,33 @@ import subprocess
 import sys
 import time
 
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+# glibc mallopt parameters (malloc.h), as the library names them.
+from diffusion_jax.host import M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD
 MODES = {
     'default': {},
     'no_mmap': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30},
     'arenas4': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 4},
+    'arenas2': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 2},
     'arenas1': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 1},
+    'library': {},   # host.configure_malloc (training.cpu_malloc='reuse'), set after JAX starts
 }
 
 
 def worker(mode: str, steps: int, rounds: int) -> dict:
   """Sets ``mode``'s mallopt values, then times the digits train step; returns the figures."""
   libc = ctypes.CDLL('libc.so.6')
-  for param, value in MODES[mode].items():
+  for param, value in MODES.get(mode, {}).items():
     if libc.mallopt(param, value) != 1:
       raise RuntimeError(f'mallopt({param}, {value}) failed')
-  from bench_peer import Ours   # pylint: disable=g-import-not-at-top  (JAX starts here)
+  from bench_peer import Ours   # pylint: disable=g-import-not-at-top  (imports JAX)
   from bench_train import load_config   # pylint: disable=g-import-not-at-top
   from diffusion_jax import host   # pylint: disable=g-import-not-at-top
   config = load_config(None)
   host.configure_cpu_devices(config)
+  if mode == 'library':   # as `python -m diffusion_jax.main` does, before JAX starts
+    config.training.cpu_malloc = 'reuse'
+    if not host.configure_malloc(config):
+      raise RuntimeError('host.configure_malloc set nothing')
   ours = Ours(config)
   ours.compile()
   ours.train_steps(5)

@@ -69,6 +69,27 @@ def solver_config(config, sampler: str, calls: int):
       'sampling.eta': spec.eta, 'sampling.solver_order': spec.order}, trained=True)
 
 
+def quality_over_draws(tconfig, teacher: str, name: str, config, workdir: str, num: int,
+                       seeds: int, cache_of):
+  """``quality_row`` of ``seeds`` draws of ``num`` samples: x_T from SEED + k, cached at ``cache_of(k)``.
+
+  Returns (the rows, the first draw's images, its sampling wall time).
+  """
+  draws = []
+  for k in range(seeds):
+    images, wall = draw(config, workdir, num, cache_of(k), SEED + k)
+    draws.append(guidance_sweep.quality_row(tconfig, teacher, name, images))
+    if k == 0:
+      first, wall0 = images, wall
+  return draws, first, wall0
+
+
+def frechet_mean_std(draws: list) -> tuple:
+  """Mean and standard deviation (ddof 1; 0 for one draw) of the draws' classifier Fréchet."""
+  fd = [d['classifier_frechet_at_n'] for d in draws]
+  return float(np.mean(fd)), float(np.std(fd, ddof=1)) if len(fd) > 1 else 0.0
+
+
 def measure(teacher: str, num: int, steps: list, solver_calls: list, seeds: int = 1,
             solvers=('ddim', 'dpm_solver2', 'dpm_solver3'), solvers_at_steps: bool = True):
   """The rows of the table and the student sample sets (of the first seed).
@@ -83,18 +104,12 @@ def measure(teacher: str, num: int, steps: list, solver_calls: list, seeds: int 
   rows, student_sets = [], {}
 
   def score(method, calls, config, workdir, cache):
-    draws = []
-    for k in range(seeds):
-      suffix = f'_s{k}' if k else ''
-      images, wall = draw(config, workdir, num, cache.replace('.npz', f'{suffix}.npz'), SEED + k)
-      draws.append(guidance_sweep.quality_row(tconfig, teacher, f'{method}_{calls}', images))
-      if k == 0:
-        first, wall0 = images, wall
+    draws, first, wall0 = quality_over_draws(
+        tconfig, teacher, f'{method}_{calls}', config, workdir, num, seeds,
+        lambda k: cache.replace('.npz', f'_s{k}.npz' if k else '.npz'))
     row = dict(draws[0], method=method, calls=calls, num_samples=len(first), wall_s=wall0,
                seeds=seeds)
-    fd = [d['classifier_frechet_at_n'] for d in draws]
-    row['classifier_frechet_at_n'] = float(np.mean(fd))
-    row['classifier_frechet_std'] = float(np.std(fd, ddof=1)) if seeds > 1 else 0.0
+    row['classifier_frechet_at_n'], row['classifier_frechet_std'] = frechet_mean_std(draws)
     rows.append(row)
     print(f'{method:14s} {calls:3d} calls: Fréchet {row["classifier_frechet_at_n"]:.2f} '
           f'± {row["classifier_frechet_std"]:.2f} over {seeds} draws (real digits '

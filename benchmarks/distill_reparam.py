@@ -23,8 +23,7 @@ at the same steps. Students are written to
 """
 
 import argparse
-
-import numpy as np
+import functools
 
 from diffusion_jax import checkpoint as ckpt
 from diffusion_jax import config_lib
@@ -35,14 +34,17 @@ from diffusion_jax import models
 from diffusion_jax import train
 from diffusion_jax import train_state
 from diffusion_jax import workdir as workdir_lib
-from diffusion_jax.evaluation import guidance_sweep
 from diffusion_jax.evaluation import runtime as rt
 
 import distill_measure   # benchmarks/ is on sys.path when run as a script
 
 
-def reparam_round(tconfig, teacher: str, steps_per_round: int, lr: float, mean_type: str):
-  """(student config, its workdir): a K = 1 round at ``lr``, trained unless already finished."""
+def reparam_round(tconfig, teacher: str, teacher_params, steps_per_round: int, lr: float,
+                  mean_type: str):
+  """(student config, its workdir): a K = 1 round at ``lr``, trained unless already finished.
+
+  ``teacher_params()`` gives the teacher's EMA parameters (restored once, when first needed).
+  """
   config = tconfig.copy_and_resolve_references()
   config.distill.steps_per_round, config.distill.lr = steps_per_round, lr
   config.distill.student_mean_type = mean_type
@@ -52,23 +54,20 @@ def reparam_round(tconfig, teacher: str, steps_per_round: int, lr: float, mean_t
   out = workdir_lib.as_path(teacher) / 'distilled_reparam' / name
   done = ckpt.latest_step(out)
   if done is None or done < steps_per_round:
-    mesh = train.make_mesh()
-    _, params = train_state.restore_params(tconfig, models.create_model(tconfig), teacher, mesh)
-    _, timing = distill.run_round(tconfig, cfg, params, out, label=f'reparameterise, lr {lr:g}')
+    _, timing = distill.run_round(tconfig, cfg, teacher_params(), out,
+                                  label=f'reparameterise, lr {lr:g}')
     print(f'lr {lr:g}: {timing["steps"]} steps in {timing["wall_s"]} s -> {out}', flush=True)
   return cfg, str(out)
 
 
 def score(tconfig, teacher, name, config, workdir, num, seeds):
   """(mean, std) of the classifier Fréchet distance over ``seeds`` draws of ``num`` samples."""
-  fd = []
-  for k in range(seeds):
-    cache = rt.join(workdir, 'eval', f'reparam_{name}_{num}_s{k}.npz')
-    images, _ = distill_measure.draw(config, workdir, num, cache, distill_measure.SEED + k)
-    fd.append(guidance_sweep.quality_row(tconfig, teacher, name, images)['classifier_frechet_at_n'])
-  std = float(np.std(fd, ddof=1)) if seeds > 1 else 0.0
-  print(f'{name}: Fréchet {np.mean(fd):.2f} ± {std:.2f} over {seeds} draws', flush=True)
-  return float(np.mean(fd)), std
+  draws, _, _ = distill_measure.quality_over_draws(
+      tconfig, teacher, name, config, workdir, num, seeds,
+      lambda k: rt.join(workdir, 'eval', f'reparam_{name}_{num}_s{k}.npz'))
+  mean, std = distill_measure.frechet_mean_std(draws)
+  print(f'{name}: Fréchet {mean:.2f} ± {std:.2f} over {seeds} draws', flush=True)
+  return mean, std
 
 
 def main():
@@ -89,8 +88,10 @@ def main():
                                     {'sampling.skip_type': 'trailing'}, trained=True)
   rows = [(f'teacher ({tconfig.diffusion.mean_type}), DDIM',
            score(tconfig, args.teacher, 'teacher', ddim, args.teacher, args.num, args.seeds))]
+  teacher_params = functools.cache(lambda: train_state.restore_params(
+      tconfig, models.create_model(tconfig), args.teacher, train.make_mesh())[1])
   for lr in [float(x) for x in args.lrs.split(',') if x.strip()]:
-    cfg, out = reparam_round(tconfig, args.teacher, args.steps_per_round, lr,
+    cfg, out = reparam_round(tconfig, args.teacher, teacher_params, args.steps_per_round, lr,
                              args.student_mean_type or tconfig.distill.student_mean_type)
     rows.append((f'{cfg.diffusion.mean_type}-student, lr {lr:g}, {args.steps_per_round} steps',
                  score(tconfig, args.teacher, 'student', cfg, out, args.num, args.seeds)))

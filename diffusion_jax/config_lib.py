@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.distributed = False   # call jax.distributed.initialize() (multi-host)
   training.claim_timeout_s = 600.0   # s: another host's claim on the workdir not renewed this long is taken over (claim.py)
   training.cpu_devices = 0       # CPU only: JAX devices the cores are split into (0: one per core dividing the batch; -1: leave JAX's default)
+  training.cpu_malloc = 'reuse'  # CPU CLI: glibc keeps the step's buffers (reuse) | default
 
   # --- sampling -------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -295,7 +296,7 @@ def validate_config(config) -> None:
   ``models.create_model``.)
   """
   # Imported here: config files import this module and should stay light.
-  from diffusion_jax import diffusion, schedule, timesteps
+  from diffusion_jax import diffusion, host, schedule, timesteps
   d = config.diffusion
   _allowed('diffusion.schedule', d.schedule, schedule.SCHEDULES)
   _positive('diffusion.num_timesteps', d.num_timesteps)
@@ -321,6 +322,7 @@ def validate_config(config) -> None:
               'checkpoint_every_steps', 'keep_checkpoints', 'sample_every_steps'):
     _positive(f'training.{key}', tr[key])
   _positive('training.claim_timeout_s', tr.claim_timeout_s)
+  _allowed('training.cpu_malloc', tr.cpu_malloc, host.CPU_MALLOCS)
   for key in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
     if tr[key] % tr.steps_per_call:
       raise ValueError(f'training.{key}={tr[key]} must be a multiple of '

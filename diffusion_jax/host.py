@@ -22,10 +22,15 @@ Only the CPU backend is affected (``jax_num_cpu_devices``); on GPU and TPU
 hosts the accelerators are the devices either way. The count has to be set
 before JAX initialises its backends, so the entry points call
 :func:`configure_cpu_devices` first.
+
+The command line's program also tells glibc's ``malloc`` to keep the step's
+temporary buffers between calls instead of mapping them fresh each time
+(:func:`configure_malloc`, ``training.cpu_malloc``), again before JAX starts.
 """
 
 import functools
 import os
+import re
 
 from absl import logging
 
@@ -145,3 +150,96 @@ def cpu_compiler_options(devices, *, runs_once: bool = False,
              CPU_OPT_LEVEL_RUN_ONCE if runs_once else CPU_OPT_LEVEL}
   options.update({k: v for k, v in CPU_KIND_OPTIONS[kind].items() if xla_accepts(k, v)})
   return options
+
+
+# --- glibc malloc for the CPU training program ---------------------------------------------
+
+# mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+CPU_MALLOCS = ('reuse', 'default')   # training.cpu_malloc
+
+
+def reuse_malloc_settings(devices: int) -> dict:
+  """``mallopt`` values under which a CPU step's temporary buffers are reused, not re-faulted.
+
+  XLA:CPU allocates a train step's temporaries (116 MB for the digits step on
+  one device) with ``malloc`` on every call. Above glibc's largest ``mmap``
+  threshold (32 MiB) that is a fresh ``mmap``, unmapped when
+  the call ends, so the kernel faults every page in again: about 30,000
+  minor faults per digits step. No fresh ``mmap`` (``M_MMAP_MAX=0``), no
+  returning freed memory below 1 GiB (``M_TRIM_THRESHOLD``), and at most one
+  arena per device (at least 2, ``M_ARENA_MAX``; a thread arena's 64 MiB heaps
+  are otherwise made and dropped every call) keep them in the process:
+  ``benchmarks/bench_malloc.py`` counts single-digit faults per step.
+  """
+  return {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: max(2, int(devices))}
+
+
+def accelerator_plugins_installed() -> bool:
+  """Whether a JAX plugin for an accelerator (CUDA, ROCm, TPU) is installed; JAX not started."""
+  import importlib.metadata   # pylint: disable=g-import-not-at-top
+  import importlib.util   # pylint: disable=g-import-not-at-top
+  import pkgutil   # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is not None:
+    return True
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return True
+  try:
+    import jax_plugins   # pylint: disable=g-import-not-at-top  (a namespace package)
+  except ImportError:
+    return False
+  return any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def cpu_backend_expected(platforms: str | None = None) -> bool:
+  """Whether JAX will compute on the CPU, judged before it starts.
+
+  The first of ``platforms`` (default: ``jax_platforms``, i.e.
+  ``JAX_PLATFORMS``) when that is set, else whether no accelerator plugin is
+  installed.
+  """
+  if platforms is None:
+    import jax   # pylint: disable=g-import-not-at-top  (importing does not start a backend)
+    platforms = jax.config.jax_platforms or ''
+  if platforms.strip():
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not accelerator_plugins_installed()
+
+
+def planned_cpu_devices(config) -> int:
+  """The CPU device count this process will have: the user's setting, else the config's."""
+  count = os.environ.get('JAX_NUM_CPU_DEVICES', '').strip()
+  if count.isdigit():
+    return int(count)
+  flag = re.search(r'xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  if flag:
+    return int(flag.group(1))
+  requested = int(config.training.cpu_devices)
+  return 1 if requested < 0 else cpu_device_count(int(config.training.batch_size), requested)
+
+
+def configure_malloc(config) -> dict:
+  """Sets :func:`reuse_malloc_settings` when ``training.cpu_malloc='reuse'``, before JAX starts.
+
+  Called by the command line's program (``python -m diffusion_jax.main``)
+  next to :func:`configure_cpu_devices`: glibc gives each thread its arena at
+  its first allocation, so the setting has to come before JAX's threads
+  exist (set later, the step's buffers still fault in). A library never sets
+  it, since it changes the allocator of the whole process. Does nothing (and
+  returns {}) with ``cpu_malloc='default'``, when JAX will not run on the CPU
+  (:func:`cpu_backend_expected`), or where the C library is not glibc.
+  Returns the values it set.
+  """
+  import ctypes   # pylint: disable=g-import-not-at-top
+  import platform   # pylint: disable=g-import-not-at-top
+  tr = config.training
+  if (tr.cpu_malloc != 'reuse' or platform.libc_ver()[0] != 'glibc'
+      or not cpu_backend_expected()):
+    return {}
+  values = reuse_malloc_settings(planned_cpu_devices(config))
+  libc = ctypes.CDLL('libc.so.6')
+  for param, value in values.items():
+    if libc.mallopt(param, value) != 1:
+      logging.warning('mallopt(%d, %d) refused; malloc left as it was', param, value)
+      return {}
+  return values

@@ -316,6 +316,7 @@ def main(argv):
     fail(e)
   from diffusion_jax import host  # pylint: disable=g-import-not-at-top
   host.configure_cpu_devices(config)   # before JAX starts its backends
+  host.configure_malloc(config)   # likewise: the CPU step's buffers kept between calls
   initialize_distributed(config)
   run(config, FLAGS.mode, FLAGS.workdir)
 

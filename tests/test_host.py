@@ -114,3 +114,96 @@ def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
     fake = [types.SimpleNamespace(platform=platform)]
     assert host.cpu_compiler_options(fake) is None
     assert host.cpu_compiler_options(types.SimpleNamespace(devices=np.asarray(fake))) is None
+
+
+def test_reuse_malloc_settings_keep_memory_with_an_arena_per_device():
+  for devices, arenas in ((1, 2), (2, 2), (8, 8)):
+    assert host.reuse_malloc_settings(devices) == {
+        host.M_MMAP_MAX: 0, host.M_TRIM_THRESHOLD: 1 << 30, host.M_ARENA_MAX: arenas}
+
+
+# Faults of touching a freshly malloc'ed 64 MiB block, the second time round: a
+# fresh mmap under glibc's defaults (one fault per 4 KiB page), reused heap memory
+# once configure_malloc has run.
+_MALLOC_CHILD = """
+import ctypes, resource
+from diffusion_jax import config_lib, host
+config = config_lib.digits_config()
+config.training.cpu_malloc = {mode!r}
+set_to = host.configure_malloc(config)
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20
+faults = []
+for _ in range(2):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  libc.free(block)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(set_to.items()), faults[1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc: Linux only')
+@pytest.mark.parametrize('mode', ['reuse', 'default'])
+def test_configure_malloc_keeps_a_large_block_for_reuse(mode):
+  """With cpu_malloc='reuse' a 64 MiB block is re-used, not faulted in again page by page."""
+  out = subprocess.run([sys.executable, '-c', _MALLOC_CHILD.format(mode=mode)],
+                       env=_fresh_cpu_env(), capture_output=True, text=True, timeout=120,
+                       check=True).stdout.strip().splitlines()[-1]
+  settings, faults = out.rsplit(' ', 1)
+  pages = (64 << 20) // os.sysconf('SC_PAGE_SIZE')
+  if mode == 'reuse':
+    assert settings == str(sorted(host.reuse_malloc_settings(host.cpu_device_count(128)).items()))
+    assert int(faults) < pages // 100
+  else:
+    assert settings == '[]'
+    assert int(faults) >= pages * 9 // 10
+
+
+def test_cpu_malloc_is_validated():
+  config = config_lib.digits_config()
+  config.training.cpu_malloc = 'jemalloc'
+  with pytest.raises(ValueError, match=r'training\.cpu_malloc.*reuse.*default'):
+    config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize('platforms,want', [('cpu', 'True'), ('cpu,cuda', 'True'),
+                                            ('cuda,cpu', 'False'), ('tpu', 'False')])
+def test_cpu_backend_expected_reads_jax_platforms_before_jax_starts(platforms, want):
+  env = dict(_fresh_cpu_env(), JAX_PLATFORMS=platforms)
+  code = ('import jax; from diffusion_jax import host; print(host.cpu_backend_expected()); '
+          'print(jax._src.xla_bridge.backends_are_initialized())')
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True).stdout.split()
+  assert out == [want, 'False']   # judged without starting a backend
+
+
+def test_cpu_backend_expected_without_jax_platforms_asks_for_plugins(monkeypatch):
+  for installed in (True, False):
+    monkeypatch.setattr(host, 'accelerator_plugins_installed', lambda v=installed: v)
+    assert host.cpu_backend_expected('') is (not installed)
+
+
+def test_accelerator_plugins_installed_sees_libtpu(monkeypatch):
+  import importlib.util   # pylint: disable=g-import-not-at-top
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: object() if name == 'libtpu' else real(name, *a))
+  assert host.accelerator_plugins_installed()
+  assert not host.cpu_backend_expected('')
+
+
+def test_planned_cpu_devices_follows_the_user_then_the_config(monkeypatch):
+  config = config_lib.digits_config()
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  assert host.planned_cpu_devices(config) == host.cpu_device_count(128)
+  config.training.cpu_devices = -1
+  assert host.planned_cpu_devices(config) == 1
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp')
+  assert host.planned_cpu_devices(config) == 8
+  monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '3')
+  assert host.planned_cpu_devices(config) == 3
