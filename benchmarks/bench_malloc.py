@@ -42,7 +42,7 @@ MODES = {
     'arenas4': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 4},
     'arenas2': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 2},
     'arenas1': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 1},
-    'library': {},   # host.configure_malloc (training.cpu_malloc='reuse'), set after JAX starts
+    'library': {},   # host.configure_malloc (training.cpu_malloc='reuse'), set before JAX starts
 }
 
 
