@@ -49,7 +49,7 @@ MODES = {
 def worker(mode: str, steps: int, rounds: int) -> dict:
   """Sets ``mode``'s mallopt values, then times the digits train step; returns the figures."""
   libc = ctypes.CDLL('libc.so.6')
-  for param, value in MODES.get(mode, {}).items():
+  for param, value in MODES[mode].items():
     if libc.mallopt(param, value) != 1:
       raise RuntimeError(f'mallopt({param}, {value}) failed')
   from bench_peer import Ours   # pylint: disable=g-import-not-at-top  (imports JAX)
