@@ -36,7 +36,7 @@ from absl import logging
 
 # Set by the user: then the CPU device count is theirs (e.g. the multi-host
 # rehearsal in launch/local_multihost.sh, or tests with 8 fake devices).
-_USER_SETTINGS = ('xla_force_host_platform_device_count',)
+_USER_FLAG = 'xla_force_host_platform_device_count'
 
 
 def available_cores() -> int:
@@ -62,11 +62,22 @@ def cpu_device_count(batch_size: int, requested: int = 0, cores: int | None = No
   return max(d for d in range(1, max(cores, 1) + 1) if batch_size % d == 0)
 
 
+def user_cpu_devices() -> int | None:
+  """The CPU device count the user fixed through the environment, else None.
+
+  ``JAX_NUM_CPU_DEVICES``, then ``--xla_force_host_platform_device_count`` in
+  ``XLA_FLAGS``.
+  """
+  count = os.environ.get('JAX_NUM_CPU_DEVICES', '').strip()
+  if count.isdigit():
+    return int(count)
+  flag = re.search(_USER_FLAG + r'=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  return int(flag.group(1)) if flag else None
+
+
 def user_set_cpu_devices() -> bool:
   """Whether XLA_FLAGS or JAX_NUM_CPU_DEVICES already fix the CPU device count."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  return (any(s in flags for s in _USER_SETTINGS)
-          or bool(os.environ.get('JAX_NUM_CPU_DEVICES')))
+  return user_cpu_devices() is not None
 
 
 def configure_cpu_devices(config) -> int | None:
@@ -208,12 +219,9 @@ def cpu_backend_expected(platforms: str | None = None) -> bool:
 
 def planned_cpu_devices(config) -> int:
   """The CPU device count this process will have: the user's setting, else the config's."""
-  count = os.environ.get('JAX_NUM_CPU_DEVICES', '').strip()
-  if count.isdigit():
-    return int(count)
-  flag = re.search(r'xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
-  if flag:
-    return int(flag.group(1))
+  count = user_cpu_devices()
+  if count is not None:
+    return count
   requested = int(config.training.cpu_devices)
   return 1 if requested < 0 else cpu_device_count(int(config.training.batch_size), requested)
 

@@ -27,6 +27,16 @@ def test_user_settings_win(monkeypatch):
   assert host.configure_cpu_devices(config_lib.digits_config()) is None
 
 
+def test_user_cpu_devices_reads_the_environment(monkeypatch):
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  assert host.user_cpu_devices() is None and not host.user_set_cpu_devices()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=6')
+  assert host.user_cpu_devices() == 6
+  monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '3')   # JAX's own setting comes first
+  assert host.user_cpu_devices() == 3 and host.user_set_cpu_devices()
+
+
 def _fresh_cpu_env() -> dict:
   """This environment for a child process on the CPU, minus the user's device-count settings."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
