@@ -15,6 +15,8 @@ size, next to real digits at the same size; the classifier is the one cached in
 Markdown table and with ``--update`` replaces the text between
 ``<!-- distill_table -->`` and ``<!-- /distill_table -->`` (``--marker``) in that file.
 ``--seeds K`` draws every set K times and reports the mean ± std of the distance.
+``--student_etas 0,0.3`` also samples every student with stochastic DDIM steps
+(``sampling.eta``; the students are trained for eta 0), one row per eta.
 ``--grid`` writes one row of samples per student, all from the same x_T. Sample
 sets are cached in the workdirs' ``eval/distill_measure_*.npz`` (a rerun only rescores).
 """
@@ -90,14 +92,22 @@ def frechet_mean_std(draws: list) -> tuple:
   return float(np.mean(fd)), float(np.std(fd, ddof=1)) if len(fd) > 1 else 0.0
 
 
+def student_method(eta: float) -> str:
+  """The table's method name of the students sampled with DDIM at ``eta`` (``distilled`` at 0)."""
+  return 'distilled' if eta == 0 else f'distilled_eta{eta:g}'
+
+
 def measure(teacher: str, num: int, steps: list, solver_calls: list, seeds: int = 1,
-            solvers=('ddim', 'dpm_solver2', 'dpm_solver3'), solvers_at_steps: bool = True):
+            solvers=('ddim', 'dpm_solver2', 'dpm_solver3'), solvers_at_steps: bool = True,
+            student_etas=(0.0,)):
   """The rows of the table and the student sample sets (of the first seed).
 
   With ``seeds`` > 1 every set is drawn ``seeds`` times (x_T from seeds
   SEED, SEED + 1, ...; the same x_T for every method) and a row holds the mean
   distance and its standard deviation over the draws. The ``solvers`` run at
-  ``solver_calls`` and (``solvers_at_steps``) at the students' ``steps``.
+  ``solver_calls`` and (``solvers_at_steps``) at the students' ``steps``. Every
+  student is sampled with DDIM at each of ``student_etas`` (its own config's
+  sampler with ``sampling.eta`` replaced); the sets returned are those of the first.
   """
   tconfig = convert.read_config(teacher)
   tconfig.eval.num_fid_samples = num
@@ -117,10 +127,15 @@ def measure(teacher: str, num: int, steps: list, solver_calls: list, seeds: int 
 
     return first
 
-  for n in steps:
-    student = f'{teacher}/distilled/steps_{n}'
-    student_sets[n] = score('distilled', n, convert.read_config(student), student,
-                            rt.join(student, 'eval', f'distill_measure_{num}.npz'))
+  for eta in student_etas:
+    for n in steps:
+      student = f'{teacher}/distilled/steps_{n}'
+      config = config_lib.apply_overrides(convert.read_config(student), {'sampling.eta': eta},
+                                          trained=True)
+      suffix = f'_eta{eta:g}' if eta else ''
+      first = score(student_method(eta), n, config, student,
+                    rt.join(student, 'eval', f'distill_measure_{num}{suffix}.npz'))
+      student_sets.setdefault(n, first)
   for sampler in solvers:
     for n in sorted((set(steps) if solvers_at_steps else set()) | set(solver_calls)):
       score(sampler, n, solver_config(tconfig, sampler, n), teacher,
@@ -145,6 +160,8 @@ def markdown(rows: list) -> str:
            'dpm_solver3': 'DPM-Solver++ (3M) on the teacher'}
   for method in dict.fromkeys(r['method'] for r in rows):
     cells = {r['calls']: r for r in rows if r['method'] == method}
+    if method.startswith('distilled_eta'):
+      names[method] = f'distilled student (DDIM eta {method[len("distilled_eta"):]}, trailing)'
     lines.append(f'| {names.get(method, method)} | ' + ' | '.join(
         cell(cells[c]) if c in cells else '' for c in calls) + ' |')
   real = min(r['classifier_frechet_real_at_n'] for r in rows)
@@ -166,6 +183,8 @@ def main():
   parser.add_argument('--no_solvers_at_steps', action='store_true',
                       help='run the solvers at --solver_calls only')
   parser.add_argument('--seeds', type=int, default=1, help='draws per set (mean ± std)')
+  parser.add_argument('--student_etas', default='0',
+                      help='DDIM eta values to sample the students with (comma-separated)')
   parser.add_argument('--marker', default='distill_table',
                       help='--update replaces the text between <!-- MARKER --> and <!-- /MARKER -->')
   parser.add_argument('--update', default=None)
@@ -173,7 +192,9 @@ def main():
   args = parser.parse_args()
   parse = lambda s: [int(x) for x in s.split(',') if x.strip()]  # noqa: E731
   rows, sets = measure(args.teacher, args.num, parse(args.steps), parse(args.solver_calls),
-                       args.seeds, args.solvers.split(','), not args.no_solvers_at_steps)
+                       args.seeds, [x for x in args.solvers.split(',') if x],
+                       not args.no_solvers_at_steps,
+                       [float(x) for x in args.student_etas.split(',') if x.strip()])
   rt.write_csv(rt.join(args.teacher, 'eval', f'{args.marker}.csv'), COLUMNS, rows)
   table = markdown(rows)
   print(table)
