@@ -157,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
   distill.start_steps = 64        # the teacher's DDIM steps (trailing grid); a power of two
   distill.final_steps = 1         # the last student's steps; a power of two <= start_steps
   distill.teacher_steps = 2       # teacher DDIM steps per student step (2: halving, the paper)
+  distill.teacher = 'previous'    # previous (the last round's student, the paper) | original
   distill.steps_per_round = 400   # optimiser steps per halving
   distill.student_mean_type = 'v'  # x0 | v (eps cannot give x_0 at the first step)
   distill.lr = 5e-4               # Adam (half the digits teacher's rate); annealed within each round
@@ -345,6 +346,7 @@ def validate_config(config) -> None:
 
 
 DISTILL_MEAN_TYPES = ('x0', 'v')
+DISTILL_TEACHERS = ('previous', 'original')
 
 
 def validate_distill(config) -> None:
@@ -370,6 +372,7 @@ def validate_distill(config) -> None:
     raise ValueError(f'distill.start_steps={ds.start_steps} must be <= '
                      f'diffusion.num_timesteps={config.diffusion.num_timesteps}.')
   _allowed('distill.student_mean_type', ds.student_mean_type, DISTILL_MEAN_TYPES)
+  _allowed('distill.teacher', ds.teacher, DISTILL_TEACHERS)
   _allowed('distill.lr_decay', ds.lr_decay, LR_DECAYS)
   for key in ('steps_per_round', 'lr'):
     _positive(f'distill.{key}', ds[key])

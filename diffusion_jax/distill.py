@@ -5,7 +5,10 @@ The teacher is the workdir's EMA parameters, sampled with DDIM (eta = 0) in
 initialised from its teacher, to take one step where the teacher takes two
 (:mod:`diffusion_jax.distillation`), then the student becomes the next round's
 teacher: start_steps = 64, final_steps = 1 gives students of 32, 16, 8, 4, 2 and 1
-steps (``distill.teacher_steps = 4``: 16, 4 and 1, one step for four). Round N
+steps (``distill.teacher_steps = 4``: 16, 4 and 1, one step for four). With
+``distill.teacher='original'`` every round's target is instead the original
+model's whole ``start_steps``-step DDIM path (``start_steps / N`` teacher steps
+per student step), so no round inherits its teacher's error. Round N
 writes ``DIR/distilled/steps_<N>/``, a complete workdir: its
 ``config.json`` (diffusion.mean_type of the student, ``sampling.sampler='ddim'``,
 ``num_steps=N``, ``skip_type='trailing'``, eta 0, guidance 0) and ``checkpoints/``
@@ -165,21 +168,36 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def round_teacher_steps(ds, steps: int) -> int:
+  """The teacher's DDIM steps per student step in the round whose student takes ``steps``.
+
+  ``distill.teacher='previous'``: ``distill.teacher_steps`` (the previous round's
+  student takes K steps for one); ``'original'``: ``start_steps / steps`` (the
+  original model's whole ``start_steps``-step DDIM path, every round).
+  """
+  if ds.teacher == 'original':
+    return int(ds.start_steps) // int(steps)
+  return int(ds.teacher_steps)
+
+
 def run_round(teacher_config, config, teacher_params, out_dir, *, label: str,
-              stop_at: Optional[int] = None) -> tuple[Any, dict]:
+              init_params=None, stop_at: Optional[int] = None) -> tuple[Any, dict]:
   """Trains one student in ``out_dir`` (resuming there); returns (its EMA params, timing).
 
-  ``stop_at``: stop at this step as a preemption would (save, return); for tests.
+  The student starts from ``init_params`` (default: the teacher's). ``stop_at``:
+  stop at this step as a preemption would (save, return); for tests.
   """
   tr = config.training
   model = models.create_model(config)
   schedule = schedule_lib.schedule_from_config(config)
-  grid = dl.round_grid(schedule, int(config.sampling.num_steps), config.distill.teacher_steps)
+  steps = int(config.sampling.num_steps)
+  grid = dl.round_grid(schedule, steps, round_teacher_steps(config.distill, steps))
   optimizer = train.create_optimizer(config)
   mesh = train.make_mesh()
   if jax.process_index() == 0:
     workdir_lib.prepare(out_dir, config.to_json_best_effort(indent=2, sort_keys=True))
-  state = initial_student(config, teacher_params, optimizer, mesh)
+  state = initial_student(config, teacher_params if init_params is None else init_params,
+                          optimizer, mesh)
   train_iter = data_lib.create_train_iterator(config)
   manager = ckpt.create_manager(out_dir, max_to_keep=tr.keep_checkpoints)
   state = train._restore(manager, state, train_iter, tr.num_train_steps, _say)  # pylint: disable=protected-access
@@ -247,30 +265,37 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
   ds = config.distill
   model = models.create_model(config)
   mesh = train.make_mesh()
-  step, teacher_params = train_state.restore_params(config, model, workdir, mesh)
+  step, original_params = train_state.restore_params(config, model, workdir, mesh)
   counts = dl.round_step_counts(ds.start_steps, ds.final_steps, ds.teacher_steps)
+  targets = ('the previous student' if ds.teacher == 'previous'
+             else f'the original model\'s {ds.start_steps} DDIM steps')
   _say(f'Distilling {workdir} (checkpoint step {step}, {config.diffusion.mean_type}-prediction) '
        f'from {ds.start_steps} DDIM steps: students of {", ".join(map(str, counts))} steps, '
-       f'{ds.steps_per_round} optimiser steps each.')
-  teacher_config = config.copy_and_resolve_references()
-  students, timing = {}, {}
+       f'{ds.steps_per_round} optimiser steps each, targets from {targets}.')
+  original_config = config.copy_and_resolve_references()
+  teacher_config, params = original_config, original_params
+  students, timing, prev = {}, {}, ds.start_steps
   for r, n in enumerate(counts, 1):
     cfg = student_config(config, n)
     out = round_dir(workdir, n)
-    label = f'round {r}/{len(counts)}: {ds.teacher_steps * n}->{n} steps'
+    label = f'round {r}/{len(counts)}: {prev}->{n} steps'
     done = ckpt.latest_step(out)   # None without a checkpoint
     if done is not None and done >= cfg.training.num_train_steps:
       _say(f'{label}: {out} is complete (step {done}); skipping.')
-      _, teacher_params = train_state.restore_params(cfg, model, out, mesh)
+      _, params = train_state.restore_params(cfg, model, out, mesh)
     else:
-      teacher_params, timing[n] = run_round(teacher_config, cfg, teacher_params, out, label=label,
-                                            stop_at=stop_at)
+      if ds.teacher == 'original':
+        teacher_config, teacher_params = original_config, original_params
+      else:
+        teacher_params = params
+      params, timing[n] = run_round(teacher_config, cfg, teacher_params, out, label=label,
+                                    init_params=params, stop_at=stop_at)
       _say(f'{label}: {timing[n]["steps"]} steps in {timing[n]["wall_s"]} s -> {out}')
       if not timing[n]['done']:
         _say('Stopped; rerun the same command to resume.')
         break
-    students[n] = teacher_params
-    teacher_config = cfg
+    students[n] = params
+    teacher_config, prev = cfg, n
   if jax.process_index() == 0 and timing:
     path = workdir_lib.as_path(workdir) / DISTILLED_DIR / 'rounds.json'
     workdir_lib.write_text(path, json.dumps({str(k): v for k, v in timing.items()}, indent=2))

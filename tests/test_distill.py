@@ -16,6 +16,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import distill
 from diffusion_jax import models
+from diffusion_jax import sampling
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import train
 from diffusion_jax import train_state
@@ -124,6 +125,53 @@ def test_one_round_lowers_its_loss(teacher, tmp_path, teacher_steps, final):
   assert after < 0.9 * before, (before, after)   # measured: 0.189 -> 0.160 (K = 2)
 
 
+@pytest.mark.slow   # 1.5 minutes on 2 cores: run by `pytest -m slow`
+def test_original_teacher_targets_its_whole_path_in_every_round(teacher, tmp_path, monkeypatch,
+                                                               capsys):
+  """``distill.teacher='original'``: every round regresses on the original model's 4-step path.
+
+  Round 1 (4 -> 2) is the paper's; round 2 (2 -> 1) starts from the 2-step student
+  but its teacher is the original model, four DDIM steps per student step, so its
+  target from z is the original model's whole 4-step DDIM sample from z.
+  """
+  config = tiny_config(**{'distill.teacher': 'original'})
+  mesh = train.make_mesh()
+  model = models.create_model(config)
+  _, original = train_state.restore_params(config, model, teacher, mesh)
+  seen, run_round = [], distill.run_round
+
+  def spy(teacher_config, cfg, teacher_params, out_dir, **kw):
+    seen.append((teacher_config.diffusion.mean_type, teacher_params, kw['init_params'],
+                 distill.round_teacher_steps(cfg.distill, cfg.sampling.num_steps)))
+    return run_round(teacher_config, cfg, teacher_params, out_dir, **kw)
+
+  monkeypatch.setattr(distill, 'run_round', spy)
+  students = distill.distill(config, str(_copy(teacher, tmp_path / 'a')))
+  assert "targets from the original model's 4 DDIM steps" in capsys.readouterr().out
+  assert [(m, k) for m, _, _, k in seen] == [('eps', 2), ('eps', 4)]
+  for _, teacher_params, _, _ in seen:
+    chex.assert_trees_all_close(teacher_params, original, rtol=0, atol=0)
+  chex.assert_trees_all_close(seen[1][2], students[2], rtol=0, atol=0)   # from the 2-step student
+  # Round 1 is the paper's round.
+  paper = distill.distill(tiny_config(**{'distill.final_steps': 2}),
+                          str(_copy(teacher, tmp_path / 'b')))
+  chex.assert_trees_all_close(students[2], paper[2], rtol=1e-6, atol=1e-7)
+  # Round 2's target from z at T-1 is the original model's 4-step DDIM sample from z.
+  cfg = distill.student_config(config, 1)
+  schedule = schedule_lib.schedule_from_config(config)
+  grid = distill.dl.round_grid(schedule, 1, distill.round_teacher_steps(cfg.distill, 1))
+  fn = distill.teacher_model_fn(config, model, original, None)
+  z = jax.random.normal(jax.random.PRNGKey(5), (4, 8, 8, 1))
+  abar = grid.abar[0]
+  x = z / jnp.sqrt(abar)   # so that the round's z_t = sqrt(abar) x + sqrt(1 - abar) * 0 is z
+  terms = distill.dl.student_loss(schedule, fn, fn, x, jnp.zeros_like(z), jnp.zeros(4, jnp.int32),
+                                  grid, teacher_mean_type='eps', student_mean_type='v',
+                                  clip_denoised=True)
+  sample = sampling.ddim_sample_loop(schedule, fn, jax.random.PRNGKey(0), z.shape, num_steps=4,
+                                                 skip_type='trailing', x_T=z)
+  np.testing.assert_allclose(terms['target'], sample, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow   # a minute on 2 cores: run by `pytest -m slow`
 def test_resume_after_a_stop_or_a_kill_equals_an_uninterrupted_run(teacher, tmp_path):
   config = tiny_config()
@@ -148,6 +196,7 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
       (teacher, ['--default_config.distill.final_steps=3'], 'distill.final_steps must be a power'),
       (teacher, ['--default_config.distill.final_steps=8'], 'must be smaller than'),
       (teacher, ['--default_config.distill.student_mean_type=eps'], 'distill.student_mean_type'),
+      (teacher, ['--default_config.distill.teacher=best'], "distill.teacher"),
   ]
   for workdir, flags, message in cases:
     proc = _cli(workdir, '--mode=distill', *flags)
