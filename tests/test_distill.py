@@ -168,7 +168,7 @@ def test_original_teacher_targets_its_whole_path_in_every_round(teacher, tmp_pat
                                   grid, teacher_mean_type='eps', student_mean_type='v',
                                   clip_denoised=True)
   sample = sampling.ddim_sample_loop(schedule, fn, jax.random.PRNGKey(0), z.shape, num_steps=4,
-                                                 skip_type='trailing', x_T=z)
+                                     skip_type='trailing', x_T=z)
   np.testing.assert_allclose(terms['target'], sample, rtol=1e-5, atol=1e-5)
 
 
@@ -196,7 +196,7 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
       (teacher, ['--default_config.distill.final_steps=3'], 'distill.final_steps must be a power'),
       (teacher, ['--default_config.distill.final_steps=8'], 'must be smaller than'),
       (teacher, ['--default_config.distill.student_mean_type=eps'], 'distill.student_mean_type'),
-      (teacher, ['--default_config.distill.teacher=best'], "distill.teacher"),
+      (teacher, ['--default_config.distill.teacher=best'], 'distill.teacher'),
   ]
   for workdir, flags, message in cases:
     proc = _cli(workdir, '--mode=distill', *flags)
