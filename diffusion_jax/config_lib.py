@@ -164,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   distill.lr_decay = 'cosine'     # none | cosine (to 0 at the end of each round)
   distill.warmup_steps = 0
   distill.ema_decay = 0.995       # EMA of the student (with optim.ema_warmup's ramp)
+  distill.loss_weighting = 'truncated_snr'  # truncated_snr (the paper) | landing (z_t'' error)
   return config
 
 
@@ -347,6 +348,7 @@ def validate_config(config) -> None:
 
 DISTILL_MEAN_TYPES = ('x0', 'v')
 DISTILL_TEACHERS = ('previous', 'original')
+DISTILL_WEIGHTINGS = ('truncated_snr', 'landing')   # diffusion_jax.distillation.LOSS_WEIGHTINGS
 
 
 def validate_distill(config) -> None:
@@ -373,6 +375,7 @@ def validate_distill(config) -> None:
                      f'diffusion.num_timesteps={config.diffusion.num_timesteps}.')
   _allowed('distill.student_mean_type', ds.student_mean_type, DISTILL_MEAN_TYPES)
   _allowed('distill.teacher', ds.teacher, DISTILL_TEACHERS)
+  _allowed('distill.loss_weighting', ds.loss_weighting, DISTILL_WEIGHTINGS)
   _allowed('distill.lr_decay', ds.lr_decay, LR_DECAYS)
   for key in ('steps_per_round', 'lr'):
     _positive(f'distill.{key}', ds[key])

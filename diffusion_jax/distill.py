@@ -110,7 +110,8 @@ def round_loss(params, teacher_params, batch, rng, *, teacher_config, config, mo
                                                                  teacher_params, y),
                           x, noise, i, grid, teacher_mean_type=teacher_config.diffusion.mean_type,
                           student_mean_type=config.diffusion.mean_type,
-                          clip_denoised=bool(teacher_config.diffusion.clip_denoised))
+                          clip_denoised=bool(teacher_config.diffusion.clip_denoised),
+                          weighting=config.distill.loss_weighting)
   return jnp.mean(terms['loss']), terms
 
 

@@ -10,7 +10,9 @@ x~ whose single DDIM step t -> t'' lands on z_t'' (Algorithm 2):
 
 at the last step (abar_t'' = 1, sigma_t'' = 0) x~ = z_t''. The loss is the
 x_0-space squared error weighted by the truncated SNR, max(alpha_t^2 / sigma_t^2, 1)
-(§4, "truncated SNR weighting").
+(§4, "truncated SNR weighting"), or by the square of the factor that carries an
+x_0 error to where the student's step lands, so that the loss is the squared
+distance between the student's landing point and the teacher's (``'landing'``).
 
 The same target serves a round whose teacher takes K > 2 steps per student step
 (z_t'' is then the end of K DDIM steps): K = 4 quarters the steps per round, so
@@ -125,6 +127,31 @@ def truncated_snr_weight(abar):
   return jnp.maximum(abar / (1.0 - abar), 1.0)
 
 
+def landing_weight(abar, abar_end):
+  """(alpha_t'' - (sigma_t'' / sigma_t) alpha_t)^2: the x_0-space weight of the landing error.
+
+  A student whose x_0 prediction misses x~ by d lands its DDIM step at
+  z_t'' + (alpha_t'' - (sigma_t''/sigma_t) alpha_t) d, so this weight makes the
+  loss ||z_t''(student) - z_t''(teacher)||^2, the error where the step lands.
+  It is 1 at the last step (abar_t'' = 1) and small at the noisiest ones,
+  whose x_0 errors are damped on the way to the sample. Per example, [B].
+  """
+  ratio = jnp.sqrt(1.0 - abar_end) / jnp.sqrt(1.0 - abar)
+  return jnp.square(jnp.sqrt(abar_end) - ratio * jnp.sqrt(abar))
+
+
+LOSS_WEIGHTINGS = ('landing', 'truncated_snr')
+
+
+def step_weight(weighting: str, abar, abar_end):
+  """The per-example x_0-space loss weight of ``weighting`` (:data:`LOSS_WEIGHTINGS`)."""
+  if weighting == 'truncated_snr':
+    return truncated_snr_weight(abar)
+  if weighting == 'landing':
+    return landing_weight(abar, abar_end)
+  raise ValueError(f'weighting must be one of {", ".join(LOSS_WEIGHTINGS)}, got {weighting!r}.')
+
+
 def student_x0(s: Schedule, student_fn: ModelFn, z, t, *, mean_type: str):
   """The student's x_0 prediction at z_t (its output read as ``mean_type``, x0 or v)."""
   return diffusion.predict_x0(s, student_fn(z, t).astype(z.dtype), z, t, mean_type=mean_type)
@@ -132,8 +159,11 @@ def student_x0(s: Schedule, student_fn: ModelFn, z, t, *, mean_type: str):
 
 def student_loss(s: Schedule, student_fn: ModelFn, teacher_fn: ModelFn, x, noise, i,
                  grid: RoundGrid, *, teacher_mean_type: str, student_mean_type: str,
-                 clip_denoised: bool):
-  """Per-example loss [B] of one round (Algorithm 2): max(SNR_t, 1) ||x~ - x^_student(z_t)||^2 / D.
+                 clip_denoised: bool, weighting: str = 'truncated_snr'):
+  """Per-example loss [B] of one round (Algorithm 2): w ||x~ - x^_student(z_t)||^2 / D.
+
+  w is :func:`step_weight` of ``weighting``: the paper's max(SNR_t, 1)
+  (``'truncated_snr'``) or :func:`landing_weight` (``'landing'``).
 
   ``x`` data [B, ...], ``noise`` eps ~ N(0, I) of x's shape, ``i`` int32 [B] the
   student steps (uniform over the N of ``grid``). The target x~ is a constant
@@ -149,7 +179,7 @@ def student_loss(s: Schedule, student_fn: ModelFn, teacher_fn: ModelFn, x, noise
   target = jax.lax.stop_gradient(distillation_target(z, z_end, abar, grid.abar_end[i]))
   x_hat = student_x0(s, student_fn, z, grid.t[i], mean_type=student_mean_type)
   mse = diffusion.mean_flat(jnp.square(x_hat - target))
-  return dict(loss=truncated_snr_weight(abar) * mse, mse=mse, target=target)
+  return dict(loss=step_weight(weighting, abar, grid.abar_end[i]) * mse, mse=mse, target=target)
 
 
 def round_step_counts(start_steps: int, final_steps: int, teacher_steps: int = 2) -> list:

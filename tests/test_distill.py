@@ -197,6 +197,7 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
       (teacher, ['--default_config.distill.final_steps=8'], 'must be smaller than'),
       (teacher, ['--default_config.distill.student_mean_type=eps'], 'distill.student_mean_type'),
       (teacher, ['--default_config.distill.teacher=best'], 'distill.teacher'),
+      (teacher, ['--default_config.distill.loss_weighting=snr'], 'distill.loss_weighting'),
   ]
   for workdir, flags, message in cases:
     proc = _cli(workdir, '--mode=distill', *flags)

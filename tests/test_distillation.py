@@ -176,3 +176,32 @@ def test_ideal_student_samples_like_teacher_in_half_the_steps(student_mean):
     abar = np.asarray(g.abar)[np.asarray(i)]
     np.testing.assert_allclose(out['mse'], 0.01, rtol=1e-3)
     np.testing.assert_allclose(out['loss'], 0.01 * np.maximum(abar / (1 - abar), 1), rtol=1e-3)
+
+
+def test_landing_loss_is_the_squared_distance_where_the_student_step_lands():
+  """'landing': w ||x~ - x^||^2 equals ||z_t''(student) - z_t''(teacher)||^2, DDIM step by step."""
+  s = make_schedule('linear', 40)
+  g = dl.round_grid(s, 4)
+  t_fn = teacher(s, 'eps')
+  student = lambda z, t: 0.3 * z + 0.01 * t.astype(z.dtype).reshape((-1, 1, 1, 1))   # any x_0 net
+  x = MU + STD * jax.random.normal(jax.random.PRNGKey(1), SHAPE)
+  noise = jax.random.normal(jax.random.PRNGKey(2), SHAPE)
+  i = jnp.array([0, 1, 2, 3, 3, 1])
+  out = dl.student_loss(s, student, t_fn, x, noise, i, g, teacher_mean_type='eps',
+                        student_mean_type='x0', clip_denoised=False, weighting='landing')
+  # Independent: the student's own DDIM step from z_t, in float64 NumPy.
+  abar, abar_end = (np.asarray(a, np.float64)[np.asarray(i)][:, None, None, None]
+                    for a in (g.abar, g.abar_end))
+  z = np.sqrt(abar) * np.asarray(x, np.float64) + np.sqrt(1 - abar) * np.asarray(noise, np.float64)
+  x_hat = np.asarray(student(jnp.asarray(z, jnp.float32), g.t[i]), np.float64)
+  eps_hat = (z - np.sqrt(abar) * x_hat) / np.sqrt(1 - abar)
+  lands = np.sqrt(abar_end) * x_hat + np.sqrt(1 - abar_end) * eps_hat   # DDIM eq. 12, eta = 0
+  z_end = dl.teacher_steps(s, t_fn, jnp.asarray(z, jnp.float32), g, i, mean_type='eps',
+                           clip_denoised=False)
+  want = np.mean(np.square(lands - np.asarray(z_end, np.float64)), axis=(1, 2, 3))
+  np.testing.assert_allclose(out['loss'], want, rtol=2e-3)
+  # 1 at the last step (x~ is z_t'' itself), below 1 and growing with abar before it.
+  w = np.asarray(dl.landing_weight(g.abar, g.abar_end))
+  assert w[-1] == pytest.approx(1.0) and np.all(np.diff(w) > 0) and w[0] < 0.1, w
+  with pytest.raises(ValueError, match='landing, truncated_snr'):
+    dl.step_weight('snr', g.abar, g.abar_end)
