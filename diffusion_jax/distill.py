@@ -226,7 +226,7 @@ def run_round(teacher_config, config, teacher_params, out_dir, *, label: str,
           metric_writers.check_finite(flushed, step)
           summary = metric_writers.summarise(flushed)
           writer.write(step, summary)
-          bar.set_postfix(loss=f"{summary['loss']:.4f}")
+          bar.set_postfix(loss=f"{summary['loss']:.4g}")
         if boundary(tr.checkpoint_every_steps) or stop:
           saver.save(step, state, train_iter.get_state())
         if stop:
