@@ -165,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
   distill.warmup_steps = 0
   distill.ema_decay = 0.995       # EMA of the student (with optim.ema_warmup's ramp)
   distill.loss_weighting = 'truncated_snr'  # truncated_snr (the paper) | landing (z_t'' error)
+  distill.inputs = 'data'         # data (noised training images) | teacher_paths (stored DDIM paths)
+  distill.num_paths = 16384       # teacher_paths: the original model's paths, made once per workdir
+  distill.path_chunk = 512        # teacher_paths: paths made (and saved) per jitted call
   return config
 
 
@@ -349,6 +352,7 @@ def validate_config(config) -> None:
 DISTILL_MEAN_TYPES = ('x0', 'v')
 DISTILL_TEACHERS = ('previous', 'original')
 DISTILL_WEIGHTINGS = ('truncated_snr', 'landing')   # diffusion_jax.distillation.LOSS_WEIGHTINGS
+DISTILL_INPUTS = ('data', 'teacher_paths')
 
 
 def validate_distill(config) -> None:
@@ -376,6 +380,16 @@ def validate_distill(config) -> None:
   _allowed('distill.student_mean_type', ds.student_mean_type, DISTILL_MEAN_TYPES)
   _allowed('distill.teacher', ds.teacher, DISTILL_TEACHERS)
   _allowed('distill.loss_weighting', ds.loss_weighting, DISTILL_WEIGHTINGS)
+  _allowed('distill.inputs', ds.inputs, DISTILL_INPUTS)
+  if ds.inputs == 'teacher_paths':
+    if ds.teacher != 'original':
+      raise ValueError(f"distill.inputs='teacher_paths' needs distill.teacher='original' (the "
+                       f"stored paths are the original model's), got {ds.teacher!r}.")
+    for key in ('num_paths', 'path_chunk'):
+      _positive(f'distill.{key}', ds[key])
+    if ds.num_paths % ds.path_chunk:
+      raise ValueError(f'distill.num_paths={ds.num_paths} must be a multiple of '
+                       f'distill.path_chunk={ds.path_chunk}.')
   _allowed('distill.lr_decay', ds.lr_decay, LR_DECAYS)
   for key in ('steps_per_round', 'lr'):
     _positive(f'distill.{key}', ds[key])

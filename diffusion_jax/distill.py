@@ -48,6 +48,7 @@ from diffusion_jax import preemption
 from diffusion_jax import runner
 from diffusion_jax import schedule as schedule_lib
 from diffusion_jax import settings
+from diffusion_jax import teacher_paths
 from diffusion_jax import train
 from diffusion_jax import train_state
 from diffusion_jax import workdir as workdir_lib
@@ -115,12 +116,43 @@ def round_loss(params, teacher_params, batch, rng, *, teacher_config, config, mo
   return jnp.mean(terms['loss']), terms
 
 
+def path_round_loss(params, teacher_params, batch, rng, *, teacher_config, config, model,
+                    schedule, grid, mesh, dropout_rng=None):
+  """(mean loss, terms) of one round on stored paths (``distill.inputs='teacher_paths'``).
+
+  ``teacher_params`` are the stored :class:`teacher_paths.Paths`. Draws a path and
+  a student step i per example (:func:`teacher_paths.draw`; ``batch`` gives only
+  the batch size) and regresses the student's step from the path's z_i onto its
+  z_{i+1} (:func:`distillation.step_loss`). ``teacher_config`` is unused: the
+  paths are the original model's.
+  """
+  del teacher_config
+  paths = teacher_params
+  steps = int(grid.t.shape[0])
+  i, b = teacher_paths.draw(paths, rng, batch['image'].shape[0], steps)
+  shard = lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P('data')))
+  i, b = shard(i), shard(b)
+  z, z_end = teacher_paths.step_pairs(paths, i, b, steps)
+  y = paths.labels[b] if config.model.num_classes else None
+  student_fn = train.model_fn_for(model, params, train=dropout_rng is not None,
+                                  dropout_rng=dropout_rng, y=y)
+  terms = dl.step_loss(schedule, student_fn, shard(z), shard(z_end), i, grid,
+                       student_mean_type=config.diffusion.mean_type,
+                       weighting=config.distill.loss_weighting)
+  return jnp.mean(terms['loss']), terms
+
+
 def distill_step(state: train.TrainState, teacher_params, batch, *, teacher_config, config,
-                 model, schedule, grid, optimizer, lr_fn):
-  """One optimiser step of the student; the update, EMA and non-finite guard of ``train.train_step``."""
+                 model, schedule, grid, optimizer, lr_fn, loss=round_loss):
+  """One optimiser step of the student; the update, EMA and non-finite guard of ``train.train_step``.
+
+  ``loss``: :func:`round_loss` (``teacher_params`` are a teacher's parameters) or
+  :func:`path_round_loss` with ``mesh`` bound (``teacher_params`` are the stored
+  :class:`teacher_paths.Paths`).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   loss_rng, dropout_rng = jax.random.split(rng)
-  loss_fn = functools.partial(round_loss, teacher_params=teacher_params, batch=batch,
+  loss_fn = functools.partial(loss, teacher_params=teacher_params, batch=batch,
                               rng=loss_rng, teacher_config=teacher_config, config=config,
                               model=model, schedule=schedule, grid=grid, dropout_rng=dropout_rng)
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -141,9 +173,12 @@ def distill_step(state: train.TrainState, teacher_params, batch, *, teacher_conf
 
 def make_distill_fn(teacher_config, config, model, schedule, grid, optimizer, mesh):
   """``jax.jit`` of :func:`distill_step`: state and teacher replicated, the batch sharded on ``data``."""
+  loss = round_loss
+  if config.distill.inputs == 'teacher_paths':
+    loss = functools.partial(path_round_loss, mesh=mesh)
   step = functools.partial(distill_step, teacher_config=teacher_config, config=config, model=model,
                            schedule=schedule, grid=grid, optimizer=optimizer,
-                           lr_fn=train.learning_rate_schedule(config))
+                           lr_fn=train.learning_rate_schedule(config), loss=loss)
 
   def fn(state, teacher_params, batches):   # batches [1, B, ...], as train.next_batches stacks them
     state, metrics = step(state, teacher_params, jax.tree.map(lambda x: x[0], batches))
@@ -270,12 +305,15 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
   counts = dl.round_step_counts(ds.start_steps, ds.final_steps, ds.teacher_steps)
   targets = ('the previous student' if ds.teacher == 'previous'
              else f'the original model\'s {ds.start_steps} DDIM steps')
+  if ds.inputs == 'teacher_paths':
+    targets = f'{ds.num_paths} stored paths of the original model\'s {ds.start_steps} DDIM steps'
+
   _say(f'Distilling {workdir} (checkpoint step {step}, {config.diffusion.mean_type}-prediction) '
        f'from {ds.start_steps} DDIM steps: students of {", ".join(map(str, counts))} steps, '
        f'{ds.steps_per_round} optimiser steps each, targets from {targets}.')
   original_config = config.copy_and_resolve_references()
   teacher_config, params = original_config, original_params
-  students, timing, prev = {}, {}, ds.start_steps
+  students, timing, prev, paths = {}, {}, ds.start_steps, None
   for r, n in enumerate(counts, 1):
     cfg = student_config(config, n)
     out = round_dir(workdir, n)
@@ -285,7 +323,14 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
       _say(f'{label}: {out} is complete (step {done}); skipping.')
       _, params = train_state.restore_params(cfg, model, out, mesh)
     else:
-      if ds.teacher == 'original':
+      if ds.inputs == 'teacher_paths':
+        if paths is None:
+          paths = teacher_paths.make_paths(
+              original_config, model, schedule_lib.schedule_from_config(config),
+              original_params, workdir, stored_steps=counts[0], checkpoint_step=step,
+              mesh=mesh, say=_say)
+        teacher_config, teacher_params = original_config, paths
+      elif ds.teacher == 'original':
         teacher_config, teacher_params = original_config, original_params
       else:
         teacher_params = params

@@ -176,10 +176,24 @@ def student_loss(s: Schedule, student_fn: ModelFn, teacher_fn: ModelFn, x, noise
   z = _bcast(jnp.sqrt(abar), x) * x + _bcast(jnp.sqrt(1.0 - abar), x) * noise
   z_end = teacher_steps(s, teacher_fn, z, grid, i, mean_type=teacher_mean_type,
                         clip_denoised=clip_denoised)
-  target = jax.lax.stop_gradient(distillation_target(z, z_end, abar, grid.abar_end[i]))
+  return step_loss(s, student_fn, z, z_end, i, grid, student_mean_type=student_mean_type,
+                   weighting=weighting)
+
+
+def step_loss(s: Schedule, student_fn: ModelFn, z, z_end, i, grid: RoundGrid, *,
+              student_mean_type: str, weighting: str = 'truncated_snr'):
+  """Per-example loss [B] of student steps ``i`` from z_t [B, ...] whose target lands on z_end.
+
+  Algorithm 2's regression given the teacher's end point z_t'' = ``z_end``:
+  w ||x~ - x^_student(z_t)||^2 / D with x~ = :func:`distillation_target` (a
+  constant: no gradient flows into z_end) and w = :func:`step_weight`.
+  Returns dict(loss [B], mse [B] (the unweighted x_0 error), target [B, ...]).
+  """
+  abar, abar_end = grid.abar[i], grid.abar_end[i]
+  target = jax.lax.stop_gradient(distillation_target(z, z_end, abar, abar_end))
   x_hat = student_x0(s, student_fn, z, grid.t[i], mean_type=student_mean_type)
   mse = diffusion.mean_flat(jnp.square(x_hat - target))
-  return dict(loss=step_weight(weighting, abar, grid.abar_end[i]) * mse, mse=mse, target=target)
+  return dict(loss=step_weight(weighting, abar, abar_end) * mse, mse=mse, target=target)
 
 
 def round_step_counts(start_steps: int, final_steps: int, teacher_steps: int = 2) -> list:

@@ -18,6 +18,7 @@ from diffusion_jax import distill
 from diffusion_jax import models
 from diffusion_jax import sampling
 from diffusion_jax import schedule as schedule_lib
+from diffusion_jax import teacher_paths
 from diffusion_jax import train
 from diffusion_jax import train_state
 from diffusion_jax import workdir as workdir_lib
@@ -125,6 +126,45 @@ def test_one_round_lowers_its_loss(teacher, tmp_path, teacher_steps, final):
   assert after < 0.9 * before, (before, after)   # measured: 0.189 -> 0.160 (K = 2)
 
 
+PATHS = {'distill.inputs': 'teacher_paths', 'distill.teacher': 'original',
+         'distill.num_paths': 64, 'distill.path_chunk': 32, 'distill.loss_weighting': 'landing'}
+
+
+def test_a_round_on_teacher_paths_lowers_its_loss_on_them(teacher, tmp_path, capsys):
+  """``distill.inputs='teacher_paths'``: the 4 -> 2 round regresses on the stored paths."""
+  workdir = _copy(teacher, tmp_path)
+  config = tiny_config(**PATHS, **{'distill.final_steps': 2, 'distill.steps_per_round': 30,
+                                   'distill.lr': 1e-3, 'training.checkpoint_every_steps': 30,
+                                   'training.log_every_steps': 10})
+  mesh = train.make_mesh()
+  model = models.create_model(config)
+  _, original = train_state.restore_params(config, model, workdir, mesh)
+  students = distill.distill(config, str(workdir))
+  assert 'targets from 64 stored paths' in capsys.readouterr().out
+  paths = teacher_paths.make_paths(config, model, schedule_lib.schedule_from_config(config),
+                                   original, workdir, stored_steps=2, checkpoint_step=2,
+                                   mesh=mesh)   # the round's pool, read back
+  cfg = distill.student_config(config, 2)
+  schedule = schedule_lib.schedule_from_config(cfg)
+  grid = distill.dl.round_grid(schedule, 2, distill.round_teacher_steps(cfg.distill, 2))
+  batch = {'image': jnp.zeros((16, 8, 8, 1))}
+  kw = dict(teacher_config=config, config=cfg, model=model, schedule=schedule, grid=grid,
+            mesh=mesh)
+  loss = lambda p, k: distill.path_round_loss(p, paths, batch, jax.random.PRNGKey(k), **kw)
+  # The loss is the landing error of the drawn steps, by hand from the stored states.
+  i, b = teacher_paths.draw(paths, jax.random.PRNGKey(0), 16, 2)
+  z, z_end = paths.states[i, b], paths.states[i + 1, b]   # 2 stored steps, 2 student steps
+  landing = distill.dl.ddim_eta0(schedule, train.model_fn_for(model, original), z, grid.t[i],
+                                 grid.abar[i], grid.abar_end[i], mean_type='v',
+                                 clip_denoised=False)   # where the student's step lands
+  np.testing.assert_allclose(loss(original, 0)[0],
+                             np.mean(np.square(landing - z_end), axis=(1, 2, 3)).mean(),
+                             rtol=1e-4)
+  before = np.mean([loss(original, k)[0] for k in range(4)])
+  after = np.mean([loss(students[2], k)[0] for k in range(4)])
+  assert after < 0.9 * before, (before, after)
+
+
 @pytest.mark.slow   # 1.5 minutes on 2 cores: run by `pytest -m slow`
 def test_original_teacher_targets_its_whole_path_in_every_round(teacher, tmp_path, monkeypatch,
                                                                capsys):
@@ -198,6 +238,12 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
       (teacher, ['--default_config.distill.student_mean_type=eps'], 'distill.student_mean_type'),
       (teacher, ['--default_config.distill.teacher=best'], 'distill.teacher'),
       (teacher, ['--default_config.distill.loss_weighting=snr'], 'distill.loss_weighting'),
+      (teacher, ['--default_config.distill.inputs=noise'], 'distill.inputs'),
+      (teacher, ['--default_config.distill.inputs=teacher_paths'],
+       "distill.inputs='teacher_paths' needs distill.teacher='original'"),
+      (teacher, ['--default_config.distill.inputs=teacher_paths',
+                 '--default_config.distill.teacher=original',
+                 '--default_config.distill.num_paths=100'], 'distill.num_paths=100 must be'),
   ]
   for workdir, flags, message in cases:
     proc = _cli(workdir, '--mode=distill', *flags)

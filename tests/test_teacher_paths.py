@@ -1,0 +1,106 @@
+"""Tests for diffusion_jax.teacher_paths: the stored DDIM paths a distillation can train on.
+
+The path against a float64 NumPy DDIM chain of the exact Gaussian denoiser and
+against the library's DDIM sampler; the pairs a round draws; the pool on disk,
+resumed chunk by chunk, and its settings check.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import models
+from diffusion_jax import sampling
+from diffusion_jax import schedule as schedule_lib
+from diffusion_jax import teacher_paths
+from diffusion_jax import timesteps
+from diffusion_jax import train
+from diffusion_jax.schedule import make_schedule
+from test_distill import tiny_config
+from test_distillation import np_ddim
+from test_distillation import teacher as gaussian_teacher
+
+
+@pytest.mark.parametrize('start,stored', [(8, 4), (8, 8), (4, 1)])
+def test_path_is_the_ddim_chain_every_stride_th_state(start, stored):
+  s = make_schedule('linear', 40)
+  z = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 1))
+  states = teacher_paths.ddim_path(s, gaussian_teacher(s, 'eps'), z, start_steps=start,
+                                   stored_steps=stored, mean_type='eps', clip_denoised=False)
+  assert states.shape == (stored + 1,) + z.shape
+  # NumPy float64: DDIM eta 0 along the trailing grid, from x_T.
+  abar = np.asarray(s.alphas_cumprod, np.float64)
+  desc = timesteps.trailing_timesteps(40, start)[::-1]
+  chain = [np.asarray(z, np.float64)]
+  for k, t in enumerate(desc):
+    chain.append(np_ddim(chain[-1], abar[t], abar[desc[k + 1]] if k + 1 < start else 1.0))
+  np.testing.assert_allclose(states, np.stack(chain[::start // stored]), rtol=2e-5, atol=2e-5)
+  # The last state is the library's DDIM sample in `start` trailing steps from the same x_T.
+  sample = sampling.ddim_sample_loop(s, gaussian_teacher(s, 'eps'), jax.random.PRNGKey(1),
+                                     z.shape, num_steps=start, skip_type='trailing',
+                                     clip_denoised=False, x_T=z)
+  np.testing.assert_allclose(states[-1], sample, rtol=1e-5, atol=1e-5)
+
+
+def test_draw_and_step_pairs_take_states_stride_apart():
+  """A 2-step student on 4 stored steps: its step i goes from state 2 i to state 2 i + 2."""
+  states = jnp.arange(5 * 7, dtype=jnp.float32).reshape(5, 7, 1, 1, 1)   # value = 7 s + p
+  paths = teacher_paths.Paths(states=states, labels=None)
+  assert paths.num_steps == 4
+  i, b = teacher_paths.draw(paths, jax.random.PRNGKey(3), 64, 2)
+  assert set(np.asarray(i).tolist()) == {0, 1} and set(np.asarray(b).tolist()) == set(range(7))
+  z, z_end = teacher_paths.step_pairs(paths, i, b, 2)
+  np.testing.assert_array_equal(z[:, 0, 0, 0], 7 * 2 * i + b)
+  np.testing.assert_array_equal(z_end[:, 0, 0, 0], 7 * (2 * i + 2) + b)
+  z, z_end = teacher_paths.step_pairs(paths, i, b, 4)   # the 4-step student: neighbours
+  np.testing.assert_array_equal(z_end[:, 0, 0, 0] - z[:, 0, 0, 0], 7)
+
+
+def _make(config, workdir, params, say=lambda _: None):
+  model = models.create_model(config)
+  return teacher_paths.make_paths(config, model, schedule_lib.schedule_from_config(config),
+                                  params, workdir, stored_steps=2, checkpoint_step=2,
+                                  mesh=train.make_mesh(), say=say)
+
+
+def test_pool_is_made_once_resumes_by_chunk_and_checks_its_settings(tmp_path):
+  config = tiny_config(**{'distill.inputs': 'teacher_paths', 'distill.teacher': 'original',
+                          'distill.num_paths': 12, 'distill.path_chunk': 4})
+  model = models.create_model(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+                      train=False)['params']
+  said = []
+  paths = _make(config, tmp_path, params, said.append)
+  assert paths.states.shape == (3, 12, 8, 8, 1) and paths.labels is None
+  assert said and 'Teacher paths: 12 of 12 to make' in said[0]
+  directory = teacher_paths.paths_dir(tmp_path)
+  assert sorted(os.listdir(directory)) == ['chunk_00000.npz', 'chunk_00001.npz',
+                                           'chunk_00002.npz', 'meta.json']
+  # Chunk c's x_T comes from the seed and c: the first state of the stored chunk.
+  x1, _ = teacher_paths.chunk_inputs(config, 1, 4)
+  np.testing.assert_array_equal(paths.states[0, 4:8], x1)
+  # The paths are the model's 4-step DDIM samples (the state after 2 of 2 stored steps).
+  fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+  sample = sampling.ddim_sample_loop(schedule_lib.schedule_from_config(config), fn,
+                                     jax.random.PRNGKey(0), x1.shape, num_steps=4,
+                                     skip_type='trailing', x_T=x1)
+  np.testing.assert_allclose(paths.states[-1, 4:8], sample, rtol=1e-5, atol=1e-5)
+  # A kill while making chunk 1: the rerun makes only that chunk, and the same pool.
+  kept = os.path.getmtime(directory / 'chunk_00000.npz')
+  os.remove(directory / 'chunk_00001.npz')
+  said = []
+  again = _make(config, tmp_path, params, said.append)
+  assert 'Teacher paths: 4 of 12 to make' in said[0]
+  assert os.path.getmtime(directory / 'chunk_00000.npz') == kept
+  np.testing.assert_array_equal(again.states, paths.states)
+  said = []
+  _make(config, tmp_path, params, said.append)   # complete: nothing to make, nothing said
+  assert said == []
+  # A pool made with other settings is not reused silently.
+  other = tiny_config(**{'distill.inputs': 'teacher_paths', 'distill.teacher': 'original',
+                         'distill.num_paths': 12, 'distill.path_chunk': 6})
+  with pytest.raises(ValueError, match=r'path_chunk=4, not 6; remove that folder'):
+    _make(other, tmp_path, params)
