@@ -168,6 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   distill.inputs = 'data'         # data (noised training images) | teacher_paths (stored DDIM paths)
   distill.num_paths = 16384       # teacher_paths: the original model's paths, made once per workdir
   distill.path_chunk = 512        # teacher_paths: paths made (and saved) per jitted call
+  distill.student_eta = 0.0       # the students' sampling.eta (trained for eta 0; 0.3 can help)
   return config
 
 
@@ -396,6 +397,8 @@ def validate_distill(config) -> None:
   _positive('distill.warmup_steps', ds.warmup_steps, allow_zero=True)
   if not 0.0 <= ds.ema_decay < 1.0:
     raise ValueError(f'distill.ema_decay must be in [0, 1), got {ds.ema_decay!r}.')
+  if isinstance(ds.student_eta, bool) or not 0.0 <= ds.student_eta <= 1.0:
+    raise ValueError(f'distill.student_eta must be in [0, 1], got {ds.student_eta!r}.')
 
 
 # The values of inpaint.missing / inpaint.method (diffusion_jax.editing).

@@ -11,8 +11,11 @@ model's whole ``start_steps``-step DDIM path (``start_steps / N`` teacher steps
 per student step), so no round inherits its teacher's error. Round N
 writes ``DIR/distilled/steps_<N>/``, a complete workdir: its
 ``config.json`` (diffusion.mean_type of the student, ``sampling.sampler='ddim'``,
-``num_steps=N``, ``skip_type='trailing'``, eta 0, guidance 0) and ``checkpoints/``
-(the training format), so ``--mode sample`` and ``--mode eval`` work on it.
+``num_steps=N``, ``skip_type='trailing'``, eta ``distill.student_eta``, guidance 0)
+and ``checkpoints/`` (the training format), so ``--mode sample`` and ``--mode eval``
+work on it. With ``distill.inputs='teacher_paths'`` the rounds train on stored
+DDIM paths of the original model instead of noised data
+(:mod:`diffusion_jax.teacher_paths`), made once before the first round.
 
 Each round is a training run of :mod:`diffusion_jax.train`'s machinery: its mesh,
 batch sharding, optimiser, EMA and non-finite guard; orbax checkpoints every
@@ -66,7 +69,8 @@ def student_config(config, steps: int):
   """The N-step student's config: what its workdir's ``config.json`` holds.
 
   The teacher's model and data; ``diffusion.mean_type = distill.student_mean_type``;
-  DDIM with eta 0 on the trailing grid in N steps, guidance 0; the round's
+  DDIM with ``distill.student_eta`` (default 0, what the students are trained
+  for) on the trailing grid in N steps, guidance 0; the round's
   optimiser (``distill.lr``, ``lr_decay``, ``warmup_steps``, ``ema_decay``) and
   ``training.num_train_steps = distill.steps_per_round``.
   """
@@ -76,7 +80,7 @@ def student_config(config, steps: int):
   c.diffusion.t_sampler = 'uniform'
   c.diffusion.loss_type = 'simple'
   c.sampling.sampler, c.sampling.num_steps = 'ddim', int(steps)
-  c.sampling.skip_type, c.sampling.eta = 'trailing', 0.0
+  c.sampling.skip_type, c.sampling.eta = 'trailing', float(ds.student_eta)
   c.sampling.guidance_scale = 0.0
   c.optim.lr, c.optim.lr_decay, c.optim.warmup_steps = ds.lr, ds.lr_decay, ds.warmup_steps
   c.optim.ema_decay, c.optim.ema_warmup = ds.ema_decay, True

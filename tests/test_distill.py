@@ -253,6 +253,16 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
   assert not (teacher / 'distilled').exists() and not (tmp_path / 'empty').exists()
 
 
+def test_student_eta_is_the_student_configs_sampling_eta():
+  config = tiny_config(**{'distill.student_eta': 0.3})
+  config_lib.validate_distill(config)
+  assert distill.student_config(config, 2).sampling.eta == 0.3
+  assert distill.student_config(tiny_config(), 2).sampling.eta == 0.0
+  for bad in (-0.1, 1.5):
+    with pytest.raises(ValueError, match=r'distill.student_eta must be in \[0, 1\], got'):
+      config_lib.validate_distill(tiny_config(**{'distill.student_eta': bad}))
+
+
 def test_student_workdir_samples_with_mode_sample_and_the_pipeline(teacher, tmp_path):
   """A student's workdir is a workdir: --mode sample and diffusion_jax.load need no override."""
   import diffusion_jax  # pylint: disable=g-import-not-at-top

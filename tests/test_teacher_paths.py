@@ -6,6 +6,8 @@ resumed chunk by chunk, and its settings check.
 """
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +106,52 @@ def test_pool_is_made_once_resumes_by_chunk_and_checks_its_settings(tmp_path):
                          'distill.num_paths': 12, 'distill.path_chunk': 6})
   with pytest.raises(ValueError, match=r'path_chunk=4, not 6; remove that folder'):
     _make(other, tmp_path, params)
+
+
+DEVICES_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from test_distill import PATHS, tiny_config
+from diffusion_jax import distill, models, teacher_paths, train
+from diffusion_jax import schedule as schedule_lib
+config = tiny_config(**{**PATHS, 'distill.num_paths': 16, 'distill.path_chunk': 8,
+                   'distill.final_steps': 2, 'distill.steps_per_round': 3})
+model = models.create_model(config)
+schedule = schedule_lib.schedule_from_config(config)
+params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+                    train=False)['params']
+mesh = train.make_mesh()
+paths = teacher_paths.make_paths(config, model, schedule, params, sys.argv[2], stored_steps=2,
+                                 checkpoint_step=0, mesh=mesh)
+cfg = distill.student_config(config, 2)
+student, _ = distill.run_round(config, cfg, paths, distill.round_dir(sys.argv[2], 2),
+                               label='2 steps', init_params=params)
+leaves = jax.tree.leaves(jax.device_get(student))
+np.savez(sys.argv[3], states=np.asarray(paths.states), *leaves)
+print('DEVICES', jax.device_count())
+"""
+
+
+@pytest.mark.slow   # two subprocesses: a minute or two on 2 cores
+def test_paths_and_a_round_on_them_agree_on_one_and_two_devices(tmp_path):
+  """The pool (batch-sharded DDIM) and a 3-step round (drawn pairs sharded over ``data``)."""
+  out = {}
+  for devices in (1, 2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    npz = tmp_path / f'd{devices}.npz'
+    proc = subprocess.run([sys.executable, '-c', DEVICES_SCRIPT, os.path.dirname(__file__),
+                           str(tmp_path / f'run{devices}'), str(npz)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f'DEVICES {devices}' in proc.stdout
+    with np.load(npz) as f:
+      out[devices] = {k: f[k] for k in f.files}
+  np.testing.assert_allclose(out[2]['states'], out[1]['states'], rtol=1e-5, atol=1e-5)
+  keys = [k for k in out[1] if k != 'states']
+  moved = max(float(np.abs(out[1][k]).max()) for k in keys)
+  assert moved > 0
+  num = sum(float(np.sum((np.float64(out[2][k]) - out[1][k]) ** 2)) for k in keys)
+  den = sum(float(np.sum(np.float64(out[1][k]) ** 2)) for k in keys)
+  assert (num / den) ** 0.5 < 1e-5, (num / den) ** 0.5
