@@ -311,7 +311,6 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
              else f'the original model\'s {ds.start_steps} DDIM steps')
   if ds.inputs == 'teacher_paths':
     targets = f'{ds.num_paths} stored paths of the original model\'s {ds.start_steps} DDIM steps'
-
   _say(f'Distilling {workdir} (checkpoint step {step}, {config.diffusion.mean_type}-prediction) '
        f'from {ds.start_steps} DDIM steps: students of {", ".join(map(str, counts))} steps, '
        f'{ds.steps_per_round} optimiser steps each, targets from {targets}.')

@@ -16,8 +16,9 @@ forward and backward pass.
 The paths live in ``DIR/distilled/teacher_paths/``: ``meta.json`` (what they
 were made with) and one ``chunk_<c>.npz`` per ``distill.path_chunk`` paths,
 each written whole (a temporary file and a rename), so a run killed while
-making them resumes at the first missing chunk; x_T of chunk c comes from
-``fold_in(PRNGKey(seed), c)``, so a resumed pool equals an uninterrupted one.
+making them makes only the missing chunks when it is rerun; chunk c's x_T
+(and labels) come from the config's seed and c alone (:func:`chunk_inputs`),
+so a resumed pool equals an uninterrupted one.
 """
 
 import io
