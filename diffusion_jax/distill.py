@@ -56,7 +56,7 @@ from diffusion_jax import train
 from diffusion_jax import train_state
 from diffusion_jax import workdir as workdir_lib
 
-DISTILLED_DIR = 'distilled'
+DISTILLED_DIR = teacher_paths.DISTILLED_DIR
 RNG_ROUND = 0xD157   # folded with the student's step count into PRNGKey(seed): a round's stream
 
 

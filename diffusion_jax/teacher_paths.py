@@ -38,6 +38,7 @@ from diffusion_jax import settings
 from diffusion_jax import storage
 from diffusion_jax import workdir as workdir_lib
 
+DISTILLED_DIR = 'distilled'   # DIR/distilled: the students' workdirs and the stored paths
 PATHS_DIR = 'teacher_paths'
 RNG_PATHS = 0x9A75   # folded into PRNGKey(seed), then with the chunk index: chunk c's x_T (labels)
 
@@ -56,7 +57,7 @@ class Paths(NamedTuple):
 
 def paths_dir(workdir):
   """``DIR/distilled/teacher_paths``."""
-  return workdir_lib.as_path(workdir) / 'distilled' / PATHS_DIR
+  return workdir_lib.as_path(workdir) / DISTILLED_DIR / PATHS_DIR
 
 
 def settings_of(config, stored_steps: int, checkpoint_step: int) -> dict:
