@@ -1,11 +1,11 @@
 r"""One 3x3 convolution, forward and forward+backward: XLA:CPU's kernels against PyTorch's.
 
     python benchmarks/bench_conv.py                              # 64 x 16 x 16 x 128 -> 128
-    python benchmarks/bench_conv.py --shape 128,8,8,64 --cout 64  # a digits U-Net layer
+    python benchmarks/bench_conv.py --shape 128,8,8,64 --cout 64  # a digits-sized layer
 
 Separates the convolution kernels from the rest of a train step. Ours: one
-``lax.conv_general_dilated`` (NHWC, HWIO, 'SAME') compiled per side of
-``--options``: the train step's options (``host.cpu_compiler_options(...,
+``lax.conv_general_dilated`` (NHWC, HWIO, 'SAME') compiled under three sets of
+compile options: the train step's (``host.cpu_compiler_options(...,
 kind='train_step')``), the samplers' (``kind='sampler'``: YNNPACK fusions on)
 and XLA's defaults. Forward is the convolution and a sum of squares;
 forward+backward is its gradient with respect to the input and the weights.
@@ -44,11 +44,9 @@ def ours_sides(x, w):
           for name, opts in options.items()}
 
 
-def peer_sides(x, w):
-  """{name: (fwd, fwd+bwd)} torch closures, or {} without torch."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
+def peer_sides(torch, x, w):
+  """{name: (fwd, fwd+bwd)} torch closures, or {} when ``torch`` is None (not installed)."""
+  if torch is None:
     return {}
   sides = {}
   for fmt_name, fmt in (('NCHW', torch.contiguous_format), ('channels-last', torch.channels_last)):
@@ -92,16 +90,17 @@ def main():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((n, h, wd, c), dtype=np.float32)
   w = (rng.standard_normal((3, 3, c, a.cout), dtype=np.float32) / np.sqrt(9 * c)).astype(np.float32)
-  info = machine.cpu_info() | machine.jax_info(jax)
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    info |= machine.torch_info(torch)
   except ImportError:
-    pass
+    torch = None
+  info = machine.cpu_info() | machine.jax_info(jax)
+  if torch is not None:
+    info |= machine.torch_info(torch)
   print(machine.describe(info))
   jx, jw = jnp.asarray(x), jnp.asarray(w)
   sides = {k: (v, (jx, jw)) for k, v in ours_sides(jx, jw).items()}
-  sides |= {k: (v, ()) for k, v in peer_sides(x, w).items()}
+  sides |= {k: (v, ()) for k, v in peer_sides(torch, x, w).items()}
   flops = 2.0 * n * h * wd * c * a.cout * 9
   times = {(k, part): [] for k in sides for part in (0, 1)}
   for (fns, args) in sides.values():   # warm-up
