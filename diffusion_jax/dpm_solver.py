@@ -101,12 +101,14 @@ def dpm_solver_update(x, m0, m1, m2, order, alpha_next, sigma_ratio, h, h_prev, 
 
 def dpm_solver_chain(s: Schedule, model_fn: ModelFn, x, timesteps, *, order: int = 2,
                      mean_type: str = 'eps', clip_denoised: bool = False,
-                     lower_order_final: bool = True):
+                     lower_order_final: bool = True, return_path: bool = False):
   """DPM-Solver++ from x at ``max(timesteps)`` down the ascending ``timesteps`` to abar = 1.
 
   One ``lax.scan``; exactly ``len(timesteps)`` model calls, one per grid
   point. ``timesteps`` is a concrete ascending sequence of zero-based indices
   (e.g. :func:`timesteps.ddim_timesteps`, or a prefix of it for SDEdit).
+  With ``return_path`` it returns the state after every update instead,
+  [len(timesteps), ...] (the last one the sample).
   """
   seq = np.asarray(timesteps, np.int64)[::-1]
   orders = jnp.asarray(dpm_solver_orders(len(seq), order, lower_order_final))
@@ -119,9 +121,10 @@ def dpm_solver_chain(s: Schedule, model_fn: ModelFn, x, timesteps, *, order: int
     m0 = diffusion.predict_x0(s, model_fn(x, t).astype(x.dtype), x, t, mean_type=mean_type)
     if clip_denoised:
       m0 = jnp.clip(m0, -1.0, 1.0)
-    return (dpm_solver_update(x, m0, m1, m2, step_order, *coefs), m0, m1), None
+    x = dpm_solver_update(x, m0, m1, m2, step_order, *coefs)
+    return (x, m0, m1), (x if return_path else None)
 
   zeros = jnp.zeros_like(x)
-  (x, _, _), _ = jax.lax.scan(body, (x, zeros, zeros),
-                              (jnp.asarray(seq, jnp.int32), orders) + tuple(table))
-  return x
+  (x, _, _), path = jax.lax.scan(body, (x, zeros, zeros),
+                                 (jnp.asarray(seq, jnp.int32), orders) + tuple(table))
+  return path if return_path else x

@@ -166,7 +166,8 @@ def cpu_compiler_options(devices, *, runs_once: bool = False,
 # --- glibc malloc for the CPU training program ---------------------------------------------
 
 # mallopt parameters (glibc's malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
+THREAD_HEAP_BYTES = 64 << 20   # glibc's largest thread-arena heap (HEAP_MAX_SIZE, 64-bit)
 CPU_MALLOCS = ('reuse', 'default')   # training.cpu_malloc
 
 
@@ -179,11 +180,22 @@ def reuse_malloc_settings(devices: int) -> dict:
   the call ends, so the kernel faults every page in again: about 30,000
   minor faults per digits step. No fresh ``mmap`` (``M_MMAP_MAX=0``), no
   returning freed memory below 1 GiB (``M_TRIM_THRESHOLD``), and at most one
-  arena per device (at least 2, ``M_ARENA_MAX``; a thread arena's 64 MiB heaps
-  are otherwise made and dropped every call) keep them in the process:
+  arena per device (at least 2, ``M_ARENA_MAX``) keep them in the process:
   ``benchmarks/bench_malloc.py`` counts single-digit faults per step.
+
+  A thread that glibc gives a thread arena (which of XLA's threads does
+  depends on the order of their first allocations) allocates from heaps of
+  at most 64 MiB. A buffer that does not fit the heap in use gets a new heap,
+  which ``free`` deletes again as soon as it is empty, whatever the trim
+  threshold: on two devices the digits step's 62 MB per device was faulted in
+  afresh on every call (about 15,000 faults per step) in some runs of the
+  same job and not in others. A top pad of a whole heap (``M_TOP_PAD``) keeps
+  an emptied heap for the next call (``benchmarks/bench_arena.py``). A
+  buffer larger than a heap (over 64 MiB in one allocation) is still mapped
+  afresh on such a thread: glibc has no setting for that.
   """
-  return {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: max(2, int(devices))}
+  return {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: THREAD_HEAP_BYTES,
+          M_ARENA_MAX: max(2, int(devices))}
 
 
 def accelerator_plugins_installed() -> bool:

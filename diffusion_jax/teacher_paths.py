@@ -1,9 +1,10 @@
-"""The original model's DDIM paths, stored once per workdir: the inputs and targets of distillation.
+"""The original model's sampler paths, stored once per workdir: distillation's inputs and targets.
 
 With ``distill.inputs='teacher_paths'`` a distillation does not noise training
 images and run its teacher inside every optimiser step. It first follows the
-original model's deterministic DDIM sampler (eta = 0, ``distill.start_steps``
-steps on the trailing grid, the teacher's clipping and guidance) from
+original model's deterministic sampler (``distill.start_steps`` steps on the
+trailing grid, the teacher's clipping and guidance; DPM-Solver++ of
+``distill.path_solver_order`` 2 or 3, or DDIM with eta = 0 for order 1) from
 ``distill.num_paths`` fresh x_T ~ N(0, I) and keeps x_T and the state after
 every ``start_steps / N_1``-th step, N_1 the first student's steps. Every round
 then draws a stored path and a student step i and regresses the student's step
@@ -21,6 +22,7 @@ making them makes only the missing chunks when it is rerun; chunk c's x_T
 so a resumed pool equals an uninterrupted one.
 """
 
+import functools
 import io
 import json
 from typing import NamedTuple, Optional
@@ -32,10 +34,12 @@ import numpy as np
 from tqdm import tqdm
 
 from diffusion_jax import distillation as dl
+from diffusion_jax import dpm_solver
 from diffusion_jax import host
 from diffusion_jax import runner
 from diffusion_jax import settings
 from diffusion_jax import storage
+from diffusion_jax import timesteps as timesteps_lib
 from diffusion_jax import workdir as workdir_lib
 
 DISTILLED_DIR = 'distilled'   # DIR/distilled: the students' workdirs and the stored paths
@@ -67,6 +71,7 @@ def settings_of(config, stored_steps: int, checkpoint_step: int) -> dict:
               path_chunk=int(ds.path_chunk), seed=int(config.seed),
               checkpoint_step=int(checkpoint_step), mean_type=config.diffusion.mean_type,
               clip_denoised=bool(config.diffusion.clip_denoised),
+              path_solver_order=int(ds.path_solver_order),
               guidance_scale=float(config.sampling.guidance_scale),
               num_classes=int(config.model.num_classes),
               image_shape=list(settings.image_shape(config)))
@@ -98,6 +103,29 @@ def ddim_path(schedule, model_fn, z, *, start_steps: int, stored_steps: int, mea
   return jnp.concatenate([z[None], states], axis=0)
 
 
+def solver_path(schedule, model_fn, z, *, start_steps: int, stored_steps: int, order: int,
+                mean_type: str, clip_denoised: bool):
+  """:func:`ddim_path` with DPM-Solver++ (multistep, ``order`` 2 or 3) in place of DDIM.
+
+  The same ``start_steps`` trailing grid and one model call per step
+  (:func:`dpm_solver.dpm_solver_chain`), so the stored states lie at the same
+  times as DDIM's, closer to the probability-flow ODE's solution from x_T
+  (Lu et al. 2022). Returns [stored_steps + 1, B, ...].
+  """
+  grid = timesteps_lib.trailing_timesteps(schedule.num_timesteps, start_steps)
+  states = dpm_solver.dpm_solver_chain(schedule, model_fn, z, grid, order=order,
+                                       mean_type=mean_type, clip_denoised=clip_denoised,
+                                       return_path=True)
+  stride = start_steps // stored_steps
+  return jnp.concatenate([z[None], states[stride - 1::stride]], axis=0)
+
+
+def path_sampler_name(ds) -> str:
+  """The sampler that makes the paths, as messages name it: DDIM or DPM-Solver++ (2M / 3M)."""
+  order = int(ds.path_solver_order)
+  return 'DDIM' if order == 1 else f'DPM-Solver++ ({order}M)'
+
+
 def chunk_inputs(config, c: int, chunk: int):
   """(x_T [chunk, H, W, C], labels [chunk] or None) of chunk ``c``: from the config's seed and c."""
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_PATHS), c)
@@ -114,11 +142,14 @@ def make_path_fn(config, model, schedule, stored_steps: int, mesh):
   apply_fn = runner.apply_fn_for(model)
   ds = config.distill
 
+  order = int(ds.path_solver_order)
+  path_fn = ddim_path if order == 1 else functools.partial(solver_path, order=order)
+
   def fn(params, x, y):
     model_fn = cond.model_fn(apply_fn, params, y)
-    return ddim_path(schedule, model_fn, x, start_steps=int(ds.start_steps),
-                     stored_steps=stored_steps, mean_type=config.diffusion.mean_type,
-                     clip_denoised=bool(config.diffusion.clip_denoised))
+    return path_fn(schedule, model_fn, x, start_steps=int(ds.start_steps),
+                   stored_steps=stored_steps, mean_type=config.diffusion.mean_type,
+                   clip_denoised=bool(config.diffusion.clip_denoised))
 
   batch, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   return jax.jit(fn, in_shardings=(replicated, batch, batch), out_shardings=replicated,
@@ -147,6 +178,7 @@ def check_meta(directory, wanted: dict) -> None:
   meta = directory / 'meta.json'
   if meta.exists():
     found = json.loads(meta.read_text())
+    found.setdefault('path_solver_order', 1)   # pools made before the option existed: DDIM
     diff = sorted(k for k in wanted if found.get(k) != wanted[k])
     if diff:
       k = diff[0]
@@ -176,7 +208,8 @@ def make_paths(config, model, schedule, params, workdir, *, stored_steps: int,
   missing = [c for c in range(num_chunks) if c not in parts]
   if missing:
     say(f'Teacher paths: {len(missing) * chunk} of {num_chunks * chunk} to make '
-        f'({ds.start_steps} DDIM steps each, x_T and {stored_steps} of their states kept) '
+        f'({ds.start_steps} {path_sampler_name(ds)} steps each, x_T and {stored_steps} of '
+        f'their states kept) '
         f'-> {directory}')
     fn = make_path_fn(config, model, schedule, stored_steps, mesh)
     bar = tqdm(total=num_chunks * chunk, initial=(num_chunks - len(missing)) * chunk,

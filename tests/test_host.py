@@ -129,7 +129,8 @@ def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
 def test_reuse_malloc_settings_keep_memory_with_an_arena_per_device():
   for devices, arenas in ((1, 2), (2, 2), (8, 8)):
     assert host.reuse_malloc_settings(devices) == {
-        host.M_MMAP_MAX: 0, host.M_TRIM_THRESHOLD: 1 << 30, host.M_ARENA_MAX: arenas}
+        host.M_MMAP_MAX: 0, host.M_TRIM_THRESHOLD: 1 << 30, host.M_TOP_PAD: 64 << 20,
+        host.M_ARENA_MAX: arenas}
 
 
 # Faults of touching a freshly malloc'ed 64 MiB block, the second time round: a
@@ -154,6 +155,50 @@ for _ in range(2):
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(sorted(set_to.items()), faults[1])
 """
+
+
+# The same on a second thread, whose thread arena already holds 20 MB: a 60 MB block
+# does not fit its first heap, so glibc makes a heap for it and, when it is freed,
+# deletes that heap unless the top pad keeps it (values set by hand, as mallopt takes them).
+_THREAD_ARENA_CHILD = """
+import ctypes, resource, threading
+from diffusion_jax import host
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+values = host.reuse_malloc_settings(2)
+if {without_pad!r}:
+  del values[host.M_TOP_PAD]
+for param, value in values.items():
+  assert libc.mallopt(param, value) == 1
+size, faults = 60 * 10**6, []
+def run():
+  kept = [libc.malloc(1000) for _ in range(20000)]
+  for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(max(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc: Linux only')
+@pytest.mark.parametrize('without_pad', [False, True])
+def test_reuse_malloc_settings_keep_a_thread_arenas_block_for_reuse(without_pad):
+  """A 60 MB block on a thread arena is reused with the top pad; without it, faulted in again."""
+  out = subprocess.run([sys.executable, '-c', _THREAD_ARENA_CHILD.format(without_pad=without_pad)],
+                       env=_fresh_cpu_env(), capture_output=True, text=True, timeout=120,
+                       check=True).stdout.strip().splitlines()[-1]
+  pages = 60 * 10**6 // os.sysconf('SC_PAGE_SIZE')
+  if without_pad:   # the mechanism the pad is for: a fresh heap, every page faulted in
+    assert int(out) >= pages * 9 // 10
+  else:
+    assert int(out) < pages // 10
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc: Linux only')

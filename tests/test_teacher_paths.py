@@ -5,6 +5,7 @@ against the library's DDIM sampler; the pairs a round draws; the pool on disk,
 resumed chunk by chunk, and its settings check.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from diffusion_jax import timesteps
 from diffusion_jax import train
 from diffusion_jax.schedule import make_schedule
 from test_distill import tiny_config
+from test_distillation import MU, STD
 from test_distillation import np_ddim
 from test_distillation import teacher as gaussian_teacher
 
@@ -45,6 +47,39 @@ def test_path_is_the_ddim_chain_every_stride_th_state(start, stored):
                                      z.shape, num_steps=start, skip_type='trailing',
                                      clip_denoised=False, x_T=z)
   np.testing.assert_allclose(states[-1], sample, rtol=1e-5, atol=1e-5)
+
+
+def _np_ode_flow(z, abar, abar_to):
+  """The probability-flow ODE's exact map for x ~ N(MU, STD^2), float64: quantile to quantile."""
+  def mean_std(ab):
+    return np.sqrt(ab) * MU, np.sqrt(ab * STD ** 2 + 1.0 - ab)
+  (m, d), (m_to, d_to) = mean_std(abar), mean_std(abar_to)
+  return m_to + d_to * (z - m) / d
+
+
+@pytest.mark.parametrize('order', [2, 3])
+def test_solver_path_is_the_dpm_solver_chain_and_closer_to_the_ode_than_ddim(order):
+  """Stored states of DPM-Solver++ lie on the DDIM grid's times, nearer the exact ODE path."""
+  s = make_schedule('linear', 40)
+  z = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 1))
+  fn = gaussian_teacher(s, 'eps')
+  kw = dict(start_steps=8, stored_steps=4, mean_type='eps', clip_denoised=False)
+  states = teacher_paths.solver_path(s, fn, z, order=order, **kw)
+  ddim = teacher_paths.ddim_path(s, fn, z, **kw)
+  assert states.shape == ddim.shape == (5,) + z.shape
+  np.testing.assert_array_equal(states[0], z)
+  # The last state is the library's DPM-Solver++ sample in 8 trailing steps from the same x_T.
+  sample = sampling.dpm_solver_sample_loop(s, fn, jax.random.PRNGKey(1), z.shape, num_steps=8,
+                                           order=order, skip_type='trailing', x_T=z)
+  np.testing.assert_allclose(states[-1], sample, rtol=1e-5, atol=1e-5)
+  # Every stored state against the exact flow from x_T to its time (abar = 1 for the sample).
+  abar = np.asarray(s.alphas_cumprod, np.float64)
+  desc = timesteps.trailing_timesteps(40, 8)[::-1]
+  times = [abar[desc[k]] if k < 8 else 1.0 for k in (2, 4, 6, 8)]
+  exact = np.stack([_np_ode_flow(np.asarray(z, np.float64), abar[desc[0]], a) for a in times])
+  err_solver = np.abs(np.asarray(states[1:], np.float64) - exact).max(axis=(1, 2, 3, 4))
+  err_ddim = np.abs(np.asarray(ddim[1:], np.float64) - exact).max(axis=(1, 2, 3, 4))
+  assert np.all(err_solver < 0.5 * err_ddim), (err_solver, err_ddim)   # 2-12x smaller here
 
 
 def test_draw_and_step_pairs_take_states_stride_apart():
@@ -106,6 +141,27 @@ def test_pool_is_made_once_resumes_by_chunk_and_checks_its_settings(tmp_path):
                          'distill.num_paths': 12, 'distill.path_chunk': 6})
   with pytest.raises(ValueError, match=r'path_chunk=4, not 6; remove that folder'):
     _make(other, tmp_path, params)
+  solver = tiny_config(**{'distill.inputs': 'teacher_paths', 'distill.teacher': 'original',
+                          'distill.num_paths': 12, 'distill.path_chunk': 4,
+                          'distill.path_solver_order': 3})
+  with pytest.raises(ValueError, match=r'path_solver_order=1, not 3; remove that folder'):
+    _make(solver, tmp_path, params)
+  # A pool written before meta.json named its sampler was made with DDIM: still reused.
+  meta = directory / 'meta.json'
+  meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                              if k != 'path_solver_order'}))
+  said = []
+  _make(config, tmp_path, params, said.append)
+  assert said == []
+  # With DPM-Solver++ (3M) in another workdir: the model's 4-step DPM-Solver++ samples.
+  said = []
+  paths = _make(solver, tmp_path / 'solver', params, said.append)
+  assert '4 DPM-Solver++ (3M) steps each' in said[0]
+  sample = sampling.dpm_solver_sample_loop(schedule_lib.schedule_from_config(config), fn,
+                                           jax.random.PRNGKey(0), x1.shape, num_steps=4,
+                                           order=3, skip_type='trailing', x_T=x1,
+                                           clip_denoised=bool(config.diffusion.clip_denoised))
+  np.testing.assert_allclose(paths.states[-1, 4:8], sample, rtol=1e-5, atol=1e-5)
 
 
 DEVICES_SCRIPT = r"""
