@@ -154,21 +154,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- progressive distillation (--mode distill; Salimans & Ho 2022) ---------
   config.distill = distill = ml_collections.ConfigDict()
-  distill.start_steps = 64        # the teacher's DDIM steps (trailing grid); a power of two
+  distill.start_steps = 32        # the teacher's steps (trailing grid); a power of two
   distill.final_steps = 1         # the last student's steps; a power of two <= start_steps
   distill.teacher_steps = 2       # teacher DDIM steps per student step (2: halving, the paper)
-  distill.teacher = 'previous'    # previous (the last round's student, the paper) | original
-  distill.steps_per_round = 400   # optimiser steps per halving
+  distill.teacher = 'original'    # original (the workdir's model) | previous (the paper)
+  distill.steps_per_round = 600   # optimiser steps per halving
   distill.student_mean_type = 'v'  # x0 | v (eps cannot give x_0 at the first step)
   distill.lr = 5e-4               # Adam (half the digits teacher's rate); annealed within each round
   distill.lr_decay = 'cosine'     # none | cosine (to 0 at the end of each round)
   distill.warmup_steps = 0
   distill.ema_decay = 0.995       # EMA of the student (with optim.ema_warmup's ramp)
-  distill.loss_weighting = 'truncated_snr'  # truncated_snr (the paper) | landing (z_t'' error)
-  distill.inputs = 'data'         # data (noised training images) | teacher_paths (stored DDIM paths)
+  distill.loss_weighting = 'landing'  # landing (z_t'' error) | truncated_snr (the paper)
+  distill.inputs = 'teacher_paths'  # teacher_paths (stored paths) | data (noised images, the paper)
   distill.num_paths = 16384       # teacher_paths: the original model's paths, made once per workdir
   distill.path_chunk = 512        # teacher_paths: paths made (and saved) per jitted call
-  distill.student_eta = 0.0       # the students' sampling.eta (trained for eta 0; 0.3 can help)
+  distill.path_solver_order = 3   # teacher_paths: 3, 2 DPM-Solver++ 3M, 2M | 1 DDIM (eta 0)
+  distill.student_eta = 0.3       # the students' sampling.eta (trained at 0; 0.3 samples better)
   return config
 
 
@@ -388,6 +389,7 @@ def validate_distill(config) -> None:
                        f"stored paths are the original model's), got {ds.teacher!r}.")
     for key in ('num_paths', 'path_chunk'):
       _positive(f'distill.{key}', ds[key])
+    _allowed('distill.path_solver_order', ds.path_solver_order, (1, 2, 3))
     if ds.num_paths % ds.path_chunk:
       raise ValueError(f'distill.num_paths={ds.num_paths} must be a multiple of '
                        f'distill.path_chunk={ds.path_chunk}.')

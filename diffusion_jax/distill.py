@@ -1,21 +1,24 @@
 """``--mode distill``: progressive distillation of a trained workdir (Salimans & Ho 2022).
 
-The teacher is the workdir's EMA parameters, sampled with DDIM (eta = 0) in
-``distill.start_steps`` steps on the trailing grid. Each round trains a student,
-initialised from its teacher, to take one step where the teacher takes two
-(:mod:`diffusion_jax.distillation`), then the student becomes the next round's
-teacher: start_steps = 64, final_steps = 1 gives students of 32, 16, 8, 4, 2 and 1
-steps (``distill.teacher_steps = 4``: 16, 4 and 1, one step for four). With
-``distill.teacher='original'`` every round's target is instead the original
-model's whole ``start_steps``-step DDIM path (``start_steps / N`` teacher steps
-per student step), so no round inherits its teacher's error. Round N
-writes ``DIR/distilled/steps_<N>/``, a complete workdir: its
-``config.json`` (diffusion.mean_type of the student, ``sampling.sampler='ddim'``,
-``num_steps=N``, ``skip_type='trailing'``, eta ``distill.student_eta``, guidance 0)
-and ``checkpoints/`` (the training format), so ``--mode sample`` and ``--mode eval``
-work on it. With ``distill.inputs='teacher_paths'`` the rounds train on stored
-DDIM paths of the original model instead of noised data
-(:mod:`diffusion_jax.teacher_paths`), made once before the first round.
+The teacher is the workdir's EMA parameters. Each round trains a student,
+initialised from the previous round's (the first from the teacher), to take
+one deterministic DDIM step where its target takes two
+(:mod:`diffusion_jax.distillation`): start_steps = 32, final_steps = 1 gives
+students of 16, 8, 4, 2 and 1 steps (``distill.teacher_steps = 4`` with
+start_steps = 64: 16, 4 and 1, one step for four). By default
+(``distill.inputs='teacher_paths'``, ``distill.teacher='original'``) the
+targets are the original model's own ``start_steps``-step sampler paths
+(DPM-Solver++ 3M on the trailing grid), made once before the first round and
+stored (:mod:`diffusion_jax.teacher_paths`), so no round inherits an earlier
+student's error. With ``distill.inputs='data'`` the rounds noise training
+images and run the teacher's DDIM steps (eta = 0, trailing grid) inside each
+optimiser step: the previous round's student (``teacher='previous'``, the
+paper's chain) or the original model along its whole ``start_steps``-step
+path (``teacher='original'``). Round N writes ``DIR/distilled/steps_<N>/``, a
+complete workdir: its ``config.json`` (diffusion.mean_type of the student,
+``sampling.sampler='ddim'``, ``num_steps=N``, ``skip_type='trailing'``, eta
+``distill.student_eta``, guidance 0) and ``checkpoints/`` (the training format),
+so ``--mode sample`` and ``--mode eval`` work on it.
 
 Each round is a training run of :mod:`diffusion_jax.train`'s machinery: its mesh,
 batch sharding, optimiser, EMA and non-finite guard; orbax checkpoints every
@@ -69,8 +72,8 @@ def student_config(config, steps: int):
   """The N-step student's config: what its workdir's ``config.json`` holds.
 
   The teacher's model and data; ``diffusion.mean_type = distill.student_mean_type``;
-  DDIM with ``distill.student_eta`` (default 0, what the students are trained
-  for) on the trailing grid in N steps, guidance 0; the round's
+  DDIM with ``distill.student_eta`` (default 0.3; the students are trained for
+  eta 0) on the trailing grid in N steps, guidance 0; the round's
   optimiser (``distill.lr``, ``lr_decay``, ``warmup_steps``, ``ema_decay``) and
   ``training.num_train_steps = distill.steps_per_round``.
   """
@@ -194,6 +197,7 @@ def make_distill_fn(teacher_config, config, model, schedule, grid, optimizer, me
                  compiler_options=host.cpu_compiler_options(mesh))
 
 
+
 def initial_student(config, teacher_params, optimizer, mesh) -> train.TrainState:
   """The round's start: params and EMA equal to the teacher's, a fresh optimiser, the round's key."""
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_ROUND)
@@ -310,9 +314,10 @@ def _distill(config, workdir, stop_at: Optional[int]) -> dict:
   targets = ('the previous student' if ds.teacher == 'previous'
              else f'the original model\'s {ds.start_steps} DDIM steps')
   if ds.inputs == 'teacher_paths':
-    targets = f'{ds.num_paths} stored paths of the original model\'s {ds.start_steps} DDIM steps'
+    targets = (f'{ds.num_paths} stored paths of the original model\'s {ds.start_steps} '
+               f'{teacher_paths.path_sampler_name(ds)} steps')
   _say(f'Distilling {workdir} (checkpoint step {step}, {config.diffusion.mean_type}-prediction) '
-       f'from {ds.start_steps} DDIM steps: students of {", ".join(map(str, counts))} steps, '
+       f'from {ds.start_steps} steps: students of {", ".join(map(str, counts))} steps, '
        f'{ds.steps_per_round} optimiser steps each, targets from {targets}.')
   original_config = config.copy_and_resolve_references()
   teacher_config, params = original_config, original_params

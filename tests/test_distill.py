@@ -36,6 +36,7 @@ TINY = {
     # whatever the library's defaults are (PATHS below: the stored-paths variant).
     'distill.inputs': 'data', 'distill.teacher': 'previous',
     'distill.loss_weighting': 'truncated_snr', 'distill.student_eta': 0.0,
+    'distill.path_solver_order': 1,   # stored paths, where a test asks for them: DDIM's
 }
 
 
@@ -248,6 +249,10 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
       (teacher, ['--default_config.distill.inputs=teacher_paths',
                  '--default_config.distill.teacher=original',
                  '--default_config.distill.num_paths=100'], 'distill.num_paths=100 must be'),
+      (teacher, ['--default_config.distill.inputs=teacher_paths',
+                 '--default_config.distill.teacher=original',
+                 '--default_config.distill.path_solver_order=4'],
+       'distill.path_solver_order=4 is not supported; allowed values: 1, 2, 3.'),
   ]
   for workdir, flags, message in cases:
     proc = _cli(workdir, '--mode=distill', *flags)
