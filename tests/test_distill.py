@@ -217,9 +217,13 @@ def test_original_teacher_targets_its_whole_path_in_every_round(teacher, tmp_pat
   np.testing.assert_allclose(terms['target'], sample, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow   # a minute on 2 cores: run by `pytest -m slow`
-def test_resume_after_a_stop_or_a_kill_equals_an_uninterrupted_run(teacher, tmp_path):
-  config = tiny_config()
+@pytest.mark.slow   # a minute on 2 cores each: run by `pytest -m slow`
+@pytest.mark.parametrize('inputs', ['data', 'solver_paths'])
+def test_resume_after_a_stop_or_a_kill_equals_an_uninterrupted_run(teacher, tmp_path, inputs):
+  """The paper's chain, and the library's default: stored DPM-Solver++ (3M) paths."""
+  paths = {**PATHS, 'distill.path_solver_order': 3, 'distill.num_paths': 32,
+           'distill.path_chunk': 16}
+  config = tiny_config(**(paths if inputs == 'solver_paths' else {}))
   straight = distill.distill(config, str(_copy(teacher, tmp_path / 'a')))
   workdir = _copy(teacher, tmp_path / 'b')
   # Stopped (SIGTERM / Ctrl-C) at step 3 of the first round: a checkpoint at 3.
