@@ -197,7 +197,6 @@ def make_distill_fn(teacher_config, config, model, schedule, grid, optimizer, me
                  compiler_options=host.cpu_compiler_options(mesh))
 
 
-
 def initial_student(config, teacher_params, optimizer, mesh) -> train.TrainState:
   """The round's start: params and EMA equal to the teacher's, a fresh optimiser, the round's key."""
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), RNG_ROUND)
