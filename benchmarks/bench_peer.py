@@ -380,6 +380,7 @@ def settings(args, backend: str | None):
   if backend is None:
     host.configure_cpu_devices(config)    # as `python -m diffusion_jax.main` does
     host.configure_malloc(config)         # likewise (the CPU only; in one process, the peer too)
+    host.configure_cpu_op_threads(config)  # likewise (XLA's threads only)
     backend = jax.default_backend()
   dtype = args.dtype or ('bfloat16' if backend == 'gpu' else 'float32')
   config.model.dtype = dtype

@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.claim_timeout_s = 600.0   # s: another host's claim on the workdir not renewed this long is taken over (claim.py)
   training.cpu_devices = 0       # CPU only: JAX devices the cores are split into (0: one per core dividing the batch; -1: leave JAX's default)
   training.cpu_malloc = 'reuse'  # CPU CLI: glibc keeps the step's buffers (reuse) | default
+  training.cpu_op_threads = 'device'  # CPU CLI, a device per core: ops on the device's thread | pool
 
   # --- sampling -------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -330,6 +331,7 @@ def validate_config(config) -> None:
     _positive(f'training.{key}', tr[key])
   _positive('training.claim_timeout_s', tr.claim_timeout_s)
   _allowed('training.cpu_malloc', tr.cpu_malloc, host.CPU_MALLOCS)
+  _allowed('training.cpu_op_threads', tr.cpu_op_threads, host.CPU_OP_THREADS)
   for key in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
     if tr[key] % tr.steps_per_call:
       raise ValueError(f'training.{key}={tr[key]} must be a multiple of '

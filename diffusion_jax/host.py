@@ -25,7 +25,9 @@ before JAX initialises its backends, so the entry points call
 
 The command line's program also tells glibc's ``malloc`` to keep the step's
 temporary buffers between calls instead of mapping them fresh each time
-(:func:`configure_malloc`, ``training.cpu_malloc``), again before JAX starts.
+(:func:`configure_malloc`, ``training.cpu_malloc``), and has each device
+compute its operations on one thread (:func:`configure_cpu_op_threads`,
+``training.cpu_op_threads``), again before JAX starts.
 """
 
 import functools
@@ -161,6 +163,57 @@ def cpu_compiler_options(devices, *, runs_once: bool = False,
              CPU_OPT_LEVEL_RUN_ONCE if runs_once else CPU_OPT_LEVEL}
   options.update({k: v for k, v in CPU_KIND_OPTIONS[kind].items() if xla_accepts(k, v)})
   return options
+
+
+# --- one thread per CPU device -------------------------------------------------------------
+
+CPU_OP_THREADS = ('device', 'pool')   # training.cpu_op_threads
+MULTI_THREAD_OPS_FLAG = 'xla_cpu_multi_thread_eigen'
+
+
+def single_thread_ops(devices: int, cores: int | None = None) -> bool:
+  """Whether ``devices`` CPU devices should each compute their operations on one thread.
+
+  True when every core is a device of its own (at least two): the devices
+  then keep the cores busy, and an operation split over the shared pool only
+  makes the devices wait for each other's pieces.
+  """
+  cores = cores or available_cores()
+  return devices >= max(2, cores)
+
+
+def configure_cpu_op_threads(config) -> bool:
+  """Each CPU device computes its convolutions and dots on one thread; before JAX starts.
+
+  XLA:CPU splits a convolution or a dot over one thread pool that all of a
+  process's CPU devices share (``--xla_cpu_multi_thread_eigen``, on by
+  default). With one device per core (:func:`configure_cpu_devices`) both
+  devices' pieces queue on the same threads, and each device waits for
+  pieces that the other device's work holds up: on 2 AVX-512 cores the
+  digits train step ran 100-135 ms per step with the pool and 87-93 ms with
+  one thread per device, in alternating fresh processes
+  (``benchmarks/bench_threads.py``). The step computes the same numbers to
+  float32 rounding (``tests/test_train.py``); samplers draw the same images
+  (``tests/test_host.py``).
+
+  Called by the command line's program next to :func:`configure_cpu_devices`:
+  XLA reads the flag when its CPU backend starts, so it goes into
+  ``XLA_FLAGS`` first. Does nothing (returns False) with
+  ``training.cpu_op_threads='pool'``, when JAX will not run on the CPU, when
+  the devices are fewer than the cores (:func:`single_thread_ops`), when
+  ``XLA_FLAGS`` already sets the flag, or once JAX's backends have started.
+  """
+  if config.training.cpu_op_threads != 'device' or not cpu_backend_expected():
+    return False
+  flags = os.environ.get('XLA_FLAGS', '')
+  if MULTI_THREAD_OPS_FLAG in flags or not single_thread_ops(planned_cpu_devices(config)):
+    return False
+  from jax._src import xla_bridge   # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    logging.info('CPU op threads left as they are: JAX has started its backends')
+    return False
+  os.environ['XLA_FLAGS'] = f'{flags} --{MULTI_THREAD_OPS_FLAG}=false'.strip()
+  return True
 
 
 # --- glibc malloc for the CPU training program ---------------------------------------------

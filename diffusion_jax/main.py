@@ -317,6 +317,7 @@ def main(argv):
   from diffusion_jax import host  # pylint: disable=g-import-not-at-top
   host.configure_cpu_devices(config)   # before JAX starts its backends
   host.configure_malloc(config)   # likewise: the CPU step's buffers kept between calls
+  host.configure_cpu_op_threads(config)   # likewise: each CPU device's ops on its own thread
   initialize_distributed(config)
   run(config, FLAGS.mode, FLAGS.workdir)
 

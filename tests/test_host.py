@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from diffusion_jax import config_lib
@@ -71,7 +72,9 @@ from diffusion_jax import config_lib, host, models, settings, schedule as schedu
 from diffusion_jax.evaluation import runtime as rt
 config = config_lib.digits_config()
 config.training.cpu_devices = 2
+config.training.cpu_op_threads = '{op_threads}'
 host.configure_cpu_devices(config)           # exactly what the CLI does before JAX starts
+host.configure_cpu_op_threads(config)
 config.sampling.num_steps = 20
 model = models.create_model(config)
 params = model.init(jax.random.PRNGKey(1), np.zeros((1, 8, 8, 1), np.float32),
@@ -82,22 +85,31 @@ out = [np.asarray(settings.make_sampler(config, s, rt.apply_fn_for(model), batch
                                         devices=devs)(params, jax.random.PRNGKey(0)))
        for devs in (jax.devices()[:2], jax.devices()[:1])]
 print(jax.device_count(), np.abs(out[0] - out[1]).max())
+import os; print('FLAGS', os.environ.get('XLA_FLAGS', ''))
 """
 
 
-def test_two_cpu_devices_sample_what_one_device_samples():
+@pytest.mark.parametrize('op_threads', ['device', 'pool'])
+def test_two_cpu_devices_sample_what_one_device_samples(op_threads):
   """The CLI's CPU setup (two devices) samples the same images as one device.
 
   Regression: with the YNN fusions turned off (a flag this module used to set
   on jaxlib 0.10 for every program) the first 3 images of each device's 100
   came out wrong (max difference 2.0); samplers keep XLA's defaults
-  (``host.CPU_KIND_OPTIONS``, ``benchmarks/ynn_repro.py``).
+  (``host.CPU_KIND_OPTIONS``, ``benchmarks/ynn_repro.py``). Checked with each
+  device's operations on its own thread (the CLI's setting with a device per
+  core) and on the shared pool. The flag goes in through ``XLA_FLAGS`` so that
+  it applies whatever this machine's core count.
   """
   env = _fresh_cpu_env()
-  out = subprocess.run([sys.executable, '-c', _SAMPLER_CHILD], env=env, capture_output=True,
-                       text=True, timeout=600, check=True).stdout.split()
+  if op_threads == 'device':
+    env['XLA_FLAGS'] = f'--{host.MULTI_THREAD_OPS_FLAG}=false'
+  out = subprocess.run([sys.executable, '-c', _SAMPLER_CHILD.format(op_threads=op_threads)],
+                       env=env, capture_output=True, text=True, timeout=600,
+                       check=True).stdout.split()
   assert out[0] == '2'
   assert float(out[1]) < 1e-3, out
+  assert (host.MULTI_THREAD_OPS_FLAG in ' '.join(out[3:])) == (op_threads == 'device'), out
 
 
 def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
@@ -262,3 +274,109 @@ def test_planned_cpu_devices_follows_the_user_then_the_config(monkeypatch):
   assert host.planned_cpu_devices(config) == 8
   monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '3')
   assert host.planned_cpu_devices(config) == 3
+
+
+def test_single_thread_ops_when_every_core_is_a_device():
+  assert host.single_thread_ops(2, cores=2) and host.single_thread_ops(8, cores=2)
+  assert not host.single_thread_ops(1, cores=2)   # one device: the pool splits its ops
+  assert not host.single_thread_ops(2, cores=4)   # cores left over for the pool
+  assert not host.single_thread_ops(1, cores=1)
+
+
+_THREADS_CHILD = """
+import os
+from diffusion_jax import config_lib, host
+config = config_lib.digits_config()
+config.training.cpu_devices = {devices}
+config.training.cpu_op_threads = '{mode}'
+host.configure_cpu_devices(config)
+set_flag = host.configure_cpu_op_threads(config)
+import jax
+print(set_flag, jax.device_count(), repr(os.environ.get('XLA_FLAGS', '')))
+print(host.configure_cpu_op_threads(config))   # JAX has started: nothing more to set
+"""
+
+
+@pytest.mark.parametrize('mode,devices,want', [('device', 'max(2, host.available_cores())', True),
+                                               ('pool', 'max(2, host.available_cores())', False),
+                                               ('device', '-1', False)])
+def test_configure_cpu_op_threads_in_a_fresh_process(mode, devices, want):
+  """A device per core: the CLI sets the flag before JAX starts; never on one device or 'pool'."""
+  out = subprocess.run([sys.executable, '-c', _THREADS_CHILD.format(mode=mode, devices=devices)],
+                       env=dict(_fresh_cpu_env(), XLA_FLAGS='--xla_cpu_enable_fast_math=false'),
+                       capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+  set_flag, _, flags = out[0].split(' ', 2)
+  assert set_flag == str(want)
+  expected = '--xla_cpu_enable_fast_math=false'
+  if want:
+    expected += f' --{host.MULTI_THREAD_OPS_FLAG}=false'
+  assert flags == repr(expected)
+  assert out[1] == 'False'
+
+
+def test_configure_cpu_op_threads_leaves_the_users_flag(monkeypatch):
+  config = config_lib.digits_config()
+  config.training.cpu_devices = max(2, host.available_cores())
+  monkeypatch.setenv('XLA_FLAGS', f'--{host.MULTI_THREAD_OPS_FLAG}=true')
+  monkeypatch.setattr(host, 'cpu_backend_expected', lambda: True)
+  assert not host.configure_cpu_op_threads(config)
+  assert os.environ['XLA_FLAGS'] == f'--{host.MULTI_THREAD_OPS_FLAG}=true'
+
+
+def test_cpu_op_threads_is_validated():
+  config = config_lib.digits_config()
+  config.training.cpu_op_threads = 'many'
+  with pytest.raises(ValueError, match=r'training\.cpu_op_threads.*device.*pool'):
+    config_lib.validate_config(config)
+
+
+_STEPS_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from diffusion_jax import data as data_lib, train
+from test_train import ONE_LEVEL, tiny_config
+config = tiny_config(**ONE_LEVEL)
+model, schedule, optimizer, mesh, state = train.setup(config)
+it = data_lib.create_train_iterator(config)
+step = train.make_train_fn(config, model, schedule, optimizer, mesh)
+np.savez(sys.argv[2] + '.init.npz', *jax.device_get(jax.tree.leaves(state.params)))
+for _ in range(4):
+  batch = {'image': jax.device_put(np.asarray(next(it)['image'])[None], train.batch_sharding(mesh))}
+  state, _ = step(state, batch)
+leaves = jax.device_get(jax.tree.leaves((state.params, state.ema_params, state.opt_state)))
+np.savez(sys.argv[2], *leaves)
+print(jax.device_count())
+"""
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_train_steps_on_one_thread_per_device_compute_the_pools_steps(devices, tmp_path):
+  """Four train steps with each device's ops on one thread equal those on the shared pool.
+
+  The CLI's ``training.cpu_op_threads='device'`` (``--xla_cpu_multi_thread_eigen=false``)
+  against XLA's default, on one and on two CPU devices, from the same state
+  and batches: parameters, EMA and Adam moments agree to float32 rounding.
+  """
+  out = {}
+  for flag in ('', f' --{host.MULTI_THREAD_OPS_FLAG}=false'):
+    env = dict(_fresh_cpu_env(), XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+               + flag)
+    path = str(tmp_path / f'state{len(out)}.npz')
+    proc = subprocess.run([sys.executable, '-c', _STEPS_CHILD, os.path.dirname(__file__), path],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split()[-1] == str(devices)
+    out[flag] = _npz_leaves(path)
+  pool, device = out.values()
+  assert len(device) == len(pool) > 3
+  num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(device, pool))
+  den = sum(float(np.sum(b ** 2)) for b in pool)
+  assert (num / den) ** 0.5 < 1e-6, (num / den) ** 0.5
+  init = _npz_leaves(path + '.init.npz')   # the parameters come first in the saved leaves
+  assert max(float(np.abs(a - b).max()) for a, b in zip(init, device)) > 1e-4   # steps moved them
+
+
+def _npz_leaves(path):
+  with np.load(path) as f:
+    return [f[k].astype(np.float64) for k in sorted(f.files, key=lambda k: int(k[4:]))]
