@@ -52,6 +52,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import data as data_lib
+from diffusion_jax import flat_state
 from diffusion_jax import host
 from diffusion_jax import interop
 from diffusion_jax import models
@@ -74,7 +75,11 @@ class Ours:
   def __init__(self, config):
     self.config = config
     self.model, self.schedule, self.optimizer, mesh, self.state = train.setup(config)
-    self.fn = train.make_train_fn(config, self.model, self.schedule, self.optimizer, mesh)
+    self.mesh, self.unravel = mesh, None
+    if flat_state.enabled(config, mesh):   # as the training loop keeps it (train.py)
+      self.state, self.unravel = flat_state.flatten(self.state, mesh)
+    self.fn = train.make_train_fn(config, self.model, self.schedule, self.optimizer, mesh,
+                                  unravel=self.unravel)
     shape = (1, config.training.batch_size) + train.image_shape(config)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     # Placed once, batch-sharded, as train.next_batches places each batch (the
@@ -104,7 +109,8 @@ class Ours:
     for one device's shard).
     """
     mesh = train.make_mesh(jax.devices()[:1])
-    fn = train.make_train_fn(self.config, self.model, self.schedule, self.optimizer, mesh)
+    fn = train.make_train_fn(self.config, self.model, self.schedule, self.optimizer, mesh,
+                             unravel=self.unravel)
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
     cost = fn.lower(jax.tree.map(abstract, self.state),
                     jax.tree.map(abstract, self.batch)).cost_analysis()
@@ -122,7 +128,10 @@ class Ours:
     config.sampling.num_steps = steps
     config.sampling.eta = 0.0
     fn = settings_lib.make_sampler(config, self.schedule, self.model, batch_size=batch)
-    variables, rng = {'params': self.state.ema_params}, jax.random.PRNGKey(1)
+    ema = self.state.ema_params
+    if self.unravel is not None:
+      ema = flat_state.params_tree(ema, self.unravel, self.mesh)
+    variables, rng = {'params': ema}, jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     compiled = fn.lower(variables, rng).compile()
     seconds = time.perf_counter() - t0

@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.cpu_devices = 0       # CPU only: JAX devices the cores are split into (0: one per core dividing the batch; -1: leave JAX's default)
   training.cpu_malloc = 'reuse'  # CPU CLI: glibc keeps the step's buffers (reuse) | default
   training.cpu_op_threads = 'device'  # CPU CLI, a device per core: ops on the device's thread | pool
+  training.flat_state = 'auto'   # optimiser, EMA on flat vectors in the loop: auto (CPU) | on | off
 
   # --- sampling -------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -304,7 +305,7 @@ def validate_config(config) -> None:
   ``models.create_model``.)
   """
   # Imported here: config files import this module and should stay light.
-  from diffusion_jax import diffusion, host, schedule, timesteps
+  from diffusion_jax import diffusion, flat_state, host, schedule, timesteps
   d = config.diffusion
   _allowed('diffusion.schedule', d.schedule, schedule.SCHEDULES)
   _positive('diffusion.num_timesteps', d.num_timesteps)
@@ -332,6 +333,7 @@ def validate_config(config) -> None:
   _positive('training.claim_timeout_s', tr.claim_timeout_s)
   _allowed('training.cpu_malloc', tr.cpu_malloc, host.CPU_MALLOCS)
   _allowed('training.cpu_op_threads', tr.cpu_op_threads, host.CPU_OP_THREADS)
+  _allowed('training.flat_state', tr.flat_state, flat_state.FLAT_STATES)
   for key in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
     if tr[key] % tr.steps_per_call:
       raise ValueError(f'training.{key}={tr[key]} must be a multiple of '

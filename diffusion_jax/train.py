@@ -30,6 +30,7 @@ from diffusion_jax import claim as claim_lib
 from diffusion_jax import config_lib
 from diffusion_jax import data as data_lib
 from diffusion_jax import diffusion
+from diffusion_jax import flat_state
 from diffusion_jax import guidance
 from diffusion_jax import host
 from diffusion_jax import images as image_lib
@@ -124,7 +125,7 @@ def flat_all_reduce_value_and_grad(loss_fn, mesh: Mesh, params, examples):
 
 
 def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, lr_fn,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, unravel=None):
   """One optimiser step on a global batch; returns (new state, metrics).
 
   Loss: ``diffusion.training_losses`` (L_simple, eq. 14 by default) at t drawn
@@ -133,6 +134,8 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   (:func:`training_labels`). On a multi-device CPU ``mesh`` the gradient may be
   summed as one buffer (:func:`flat_all_reduce`). A non-finite
   loss or gradient leaves the state unchanged and reports ``finite = 0``.
+  With ``unravel``, ``state`` is flat (:mod:`flat_state`): the model sees
+  ``unravel(params)`` and the optimiser, EMA and guard work on the vectors.
   """
   d = config.diffusion
   x0 = batch['image']
@@ -148,6 +151,7 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   weighting = None if weighting == 'none' else weighting
 
   def loss_fn(params, x0, t, noise, weights, y):
+    params = params if unravel is None else unravel(params)
     model_fn = model_fn_for(model, params, train=True, dropout_rng=dropout_rng, y=y)
     terms = diffusion.training_losses(schedule, model_fn, x0, t, noise, mean_type=d.mean_type,
                                       var_type=d.var_type, loss_type=d.loss_type,
@@ -175,7 +179,8 @@ def train_step(state: TrainState, batch, *, config, model, schedule, optimizer, 
   new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
                            state.replace(step=state.step + 1))
   metrics = dict(loss=loss, mse=jnp.mean(terms['mse']), grad_norm=grad_norm,
-                 learning_rate=lr_fn(state.step), finite=finite.astype(jnp.float32))
+                 learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32),   # also a constant
+                 finite=finite.astype(jnp.float32))
   if 'vb' in terms:
     metrics['vb'] = jnp.mean(terms['vb'])
   return new_state, metrics
@@ -186,15 +191,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, 'data'))
 
 
-def make_train_fn(config, model, schedule, optimizer, mesh: Mesh):
+def make_train_fn(config, model, schedule, optimizer, mesh: Mesh, unravel=None):
   """``jax.jit`` of ``steps_per_call`` train steps (an unrolled ``lax.scan``) over stacked batches.
 
   Batches arrive as [steps_per_call, global_batch, H, W, C] sharded along the
-  batch axis on the mesh's ``data`` axis; the state is replicated.
+  batch axis on the mesh's ``data`` axis; the state is replicated. With
+  ``unravel`` (from :func:`flat_state.flatten`) the step takes and returns the
+  flat state.
   """
   step = functools.partial(train_step, config=config, model=model, schedule=schedule,
                            optimizer=optimizer, lr_fn=learning_rate_schedule(config),
-                           mesh=mesh)
+                           mesh=mesh, unravel=unravel)
 
   def train_fn(state, batches):
     # No loop construct: XLA:CPU runs the convolutions of a step inside a while
@@ -345,21 +352,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainStat
   if low_space:
     say(low_space)
 
-  train_fn = make_train_fn(config, model, schedule, optimizer, mesh)
+  unravel = None
+  if flat_state.enabled(config, mesh):   # the loop's state flat; trees only for what leaves it
+    state, unravel = flat_state.flatten(state, mesh)
+  tree_state = lambda: state if unravel is None else flat_state.unflatten(state, unravel, mesh)
+  train_fn = make_train_fn(config, model, schedule, optimizer, mesh, unravel=unravel)
   batches_sharding = batch_sharding(mesh)
   sample_fn = make_sample_fn(config, model, schedule, tr.num_sample_images)
   sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A17)
   writer = metric_writers.MetricWriter(workdir / 'tensorboard')
   samples_dir = workdir / 'samples'
   k = tr.steps_per_call
-  param_count = sum(x.size for x in jax.tree.leaves(state.params))
+  param_count = sum(x.size for x in jax.tree.leaves(state.params))   # flat or not
   logging.info('Model: %s parameters; %d devices on %d hosts; global batch %d.',
                f'{param_count:,}', jax.device_count(), jax.process_count(), tr.batch_size)
 
   saver = ckpt.Saver(manager)
 
   def save(step):
-    saver.save(step, state, train_iter.get_state())
+    saver.save(step, tree_state(), train_iter.get_state())
 
   pending, history = [], []   # metrics on device / fetched but not yet logged
   t_last, step_last = time.time(), start
@@ -399,7 +410,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainStat
           save(step)
         if boundary(tr.sample_every_steps) and not stop:
           path = samples_dir / f'samples_{step:08d}.png'
-          save_sample_grid(sample_fn, state.ema_params, sample_rng, path,
+          ema = (state.ema_params if unravel is None
+                 else flat_state.params_tree(state.ema_params, unravel, mesh))
+          save_sample_grid(sample_fn, ema, sample_rng, path,
                            nrow=grid_row_length(config, tr.num_sample_images))
           if is_main:
             tqdm.write(f'step {step}: wrote {path}')
@@ -412,4 +425,4 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainStat
   say(f'Outputs in {workdir}:\n  checkpoints: {ckpt.checkpoint_dir(workdir)}\n'
       f'  samples:     {samples_dir}\n  tensorboard: {workdir / "tensorboard"}\n'
       f'  config:      {workdir / workdir_lib.CONFIG_FILE}')
-  return state
+  return tree_state()
