@@ -68,7 +68,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--sampler_steps', type=int, default=100, help='0: no sampler')
-  parser.add_argument('--json', default=None, help='default: benchmarks/results/threads_<simd>.json')
+  parser.add_argument('--json', default=None,
+                      help='default: benchmarks/results/threads_<simd>.json')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:

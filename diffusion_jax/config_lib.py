@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.claim_timeout_s = 600.0   # s: another host's claim on the workdir not renewed this long is taken over (claim.py)
   training.cpu_devices = 0       # CPU only: JAX devices the cores are split into (0: one per core dividing the batch; -1: leave JAX's default)
   training.cpu_malloc = 'reuse'  # CPU CLI: glibc keeps the step's buffers (reuse) | default
-  training.cpu_op_threads = 'device'  # CPU CLI, a device per core: ops on the device's thread | pool
+  training.cpu_op_threads = 'device'  # CPU CLI, a device per core: ops on its own thread | pool
   training.flat_state = 'auto'   # optimiser, EMA on flat vectors in the loop: auto (CPU) | on | off
 
   # --- sampling -------------------------------------------------------------

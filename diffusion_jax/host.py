@@ -190,7 +190,7 @@ def configure_cpu_op_threads(config) -> bool:
   default). With one device per core (:func:`configure_cpu_devices`) both
   devices' pieces queue on the same threads, and each device waits for
   pieces that the other device's work holds up: on 2 AVX-512 cores the
-  digits train step ran 100-135 ms per step with the pool and 87-93 ms with
+  digits train step took a median 102.3 ms with the pool and 90.4 ms with
   one thread per device, in alternating fresh processes
   (``benchmarks/bench_threads.py``). The step computes the same numbers to
   float32 rounding (``tests/test_train.py``); samplers draw the same images

@@ -94,7 +94,8 @@ from test_train import ONE_LEVEL, tiny_config
 config = tiny_config(**ONE_LEVEL)
 model, schedule, optimizer, mesh, state = train.setup(config)
 it = data_lib.create_train_iterator(config)
-batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], train.batch_sharding(mesh))}
+sharding = train.batch_sharding(mesh)
+batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], sharding)}
            for _ in range(4)]
 flat, unravel = flat_state.flatten(state, mesh)
 init = jax.device_get(state.params)   # the tree step donates the state
