@@ -75,9 +75,10 @@ class Ours:
   def __init__(self, config):
     self.config = config
     self.model, self.schedule, self.optimizer, mesh, self.state = train.setup(config)
-    self.mesh, self.unravel = mesh, None
+    self.layout, self.unravel = None, None
     if flat_state.enabled(config, mesh):   # as the training loop keeps it (train.py)
-      self.state, self.unravel = flat_state.flatten(self.state, mesh)
+      self.state, self.layout = flat_state.flatten(self.state, mesh)
+      self.unravel = self.layout.unravel
     self.fn = train.make_train_fn(config, self.model, self.schedule, self.optimizer, mesh,
                                   unravel=self.unravel)
     shape = (1, config.training.batch_size) + train.image_shape(config)
@@ -129,8 +130,8 @@ class Ours:
     config.sampling.eta = 0.0
     fn = settings_lib.make_sampler(config, self.schedule, self.model, batch_size=batch)
     ema = self.state.ema_params
-    if self.unravel is not None:
-      ema = flat_state.params_tree(ema, self.unravel, self.mesh)
+    if self.layout is not None:
+      ema = self.layout.params_tree(ema)
     variables, rng = {'params': ema}, jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     compiled = fn.lower(variables, rng).compile()

@@ -10,7 +10,7 @@ step, each of which costs the runtime a few microseconds whatever its size. On
 flat vectors they are a handful of operations.
 
 The training loop keeps its state flat (:func:`flatten`) between steps and
-converts it back (:func:`unflatten`) only for what leaves the loop:
+converts it back (:class:`Layout`) only for what leaves the loop:
 checkpoints, sample grids and the returned state. Inside the step the model
 sees the parameter tree (``unravel``, slices of the vector), and the gradient
 comes back as one vector. Checkpoints hold the same trees as before.
@@ -44,11 +44,33 @@ def _params_like(params):
   return lambda x: jax.tree.structure(x) == treedef
 
 
-def flatten(state, mesh):
-  """``(flat state, unravel)``: params, EMA and every params-shaped tree of ``opt_state`` raveled.
+class Layout:
+  """How a flat state maps back to trees (made by :func:`flatten`; its programs compile once).
 
-  ``unravel`` maps a flat vector back to the parameter tree. The flat arrays
-  are replicated over ``mesh``, as the train step takes its state.
+  ``unravel(vector)`` is the parameter tree of a flat vector (for the model,
+  inside the step), ``params_tree(vector)`` the same as a replicated array
+  tree (e.g. the EMA, for a sample grid) and ``unflatten(flat_state)`` the
+  tree-shaped state (new arrays; the flat state is kept).
+  """
+
+  def __init__(self, unravel: Callable, mesh):
+    self.unravel = unravel
+    replicated = NamedSharding(mesh, P())
+    self.params_tree = jax.jit(unravel, out_shardings=replicated)
+    self.unflatten = jax.jit(self._tree, out_shardings=replicated)
+
+  def _tree(self, s):
+    size = s.params.shape
+    back = lambda t: jax.tree.map(lambda x: self.unravel(x) if x.shape == size else x, t)
+    return s.replace(params=self.unravel(s.params), ema_params=self.unravel(s.ema_params),
+                     opt_state=back(s.opt_state))
+
+
+def flatten(state, mesh):
+  """``(flat state, Layout)``: params, EMA and every params-shaped tree of ``opt_state`` raveled.
+
+  The flat arrays are replicated over ``mesh``, as the train step takes its
+  state.
   """
   like = _params_like(state.params)
   _, unravel = ravel_pytree(state.params)
@@ -61,21 +83,4 @@ def flatten(state, mesh):
                      opt_state=ravel(s.opt_state))
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(flat, out_shardings=replicated)(state), unravel
-
-
-def unflatten(flat_state, unravel: Callable, mesh):
-  """The tree-shaped state of a :func:`flatten` ed one (new arrays; ``flat_state`` is kept)."""
-  size = flat_state.params.shape
-
-  def tree(s):
-    back = lambda t: jax.tree.map(lambda x: unravel(x) if x.shape == size else x, t)
-    return s.replace(params=unravel(s.params), ema_params=unravel(s.ema_params),
-                     opt_state=back(s.opt_state))
-
-  return jax.jit(tree, out_shardings=NamedSharding(mesh, P()))(flat_state)
-
-
-def params_tree(flat_params, unravel: Callable, mesh):
-  """The parameter tree of a flat parameter vector (e.g. the EMA, for a sample grid)."""
-  return jax.jit(unravel, out_shardings=NamedSharding(mesh, P()))(flat_params)
+  return jax.jit(flat, out_shardings=replicated)(state), Layout(unravel, mesh)

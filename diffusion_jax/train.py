@@ -196,7 +196,7 @@ def make_train_fn(config, model, schedule, optimizer, mesh: Mesh, unravel=None):
 
   Batches arrive as [steps_per_call, global_batch, H, W, C] sharded along the
   batch axis on the mesh's ``data`` axis; the state is replicated. With
-  ``unravel`` (from :func:`flat_state.flatten`) the step takes and returns the
+  ``unravel`` (``flat_state.Layout.unravel``) the step takes and returns the
   flat state.
   """
   step = functools.partial(train_step, config=config, model=model, schedule=schedule,
@@ -352,11 +352,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainStat
   if low_space:
     say(low_space)
 
-  unravel = None
+  layout = None
   if flat_state.enabled(config, mesh):   # the loop's state flat; trees only for what leaves it
-    state, unravel = flat_state.flatten(state, mesh)
-  tree_state = lambda: state if unravel is None else flat_state.unflatten(state, unravel, mesh)
-  train_fn = make_train_fn(config, model, schedule, optimizer, mesh, unravel=unravel)
+    state, layout = flat_state.flatten(state, mesh)
+  tree_state = lambda: state if layout is None else layout.unflatten(state)
+  train_fn = make_train_fn(config, model, schedule, optimizer, mesh,
+                           unravel=layout and layout.unravel)
   batches_sharding = batch_sharding(mesh)
   sample_fn = make_sample_fn(config, model, schedule, tr.num_sample_images)
   sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A17)
@@ -410,8 +411,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainStat
           save(step)
         if boundary(tr.sample_every_steps) and not stop:
           path = samples_dir / f'samples_{step:08d}.png'
-          ema = (state.ema_params if unravel is None
-                 else flat_state.params_tree(state.ema_params, unravel, mesh))
+          ema = state.ema_params if layout is None else layout.params_tree(state.ema_params)
           save_sample_grid(sample_fn, ema, sample_rng, path,
                            nrow=grid_row_length(config, tr.num_sample_images))
           if is_main:

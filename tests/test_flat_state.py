@@ -29,14 +29,14 @@ def test_flatten_then_unflatten_is_the_identity():
   state = state.replace(opt_state=jax.tree.map(lambda x: x + 0.5 if x.ndim else x,
                                                state.opt_state),
                         ema_params=jax.tree.map(lambda x: x - 0.25, state.ema_params))
-  flat, unravel = flat_state.flatten(state, mesh)
+  flat, layout = flat_state.flatten(state, mesh)
   size = sum(x.size for x in jax.tree.leaves(state.params))
   assert flat.params.shape == flat.ema_params.shape == (size,)
   moments = [x for x in jax.tree.leaves(flat.opt_state) if x.ndim]
   assert [m.shape for m in moments] == [(size,)] * 2          # Adam's mu and nu
-  chex.assert_trees_all_equal(flat_state.unflatten(flat, unravel, mesh), state)
-  chex.assert_trees_all_equal(flat_state.params_tree(flat.ema_params, unravel, mesh),
-                              state.ema_params)
+  chex.assert_trees_all_equal(layout.unflatten(flat), state)
+  chex.assert_trees_all_equal(layout.params_tree(flat.ema_params), state.ema_params)
+  chex.assert_trees_all_equal(layout.unravel(flat.params), state.params)
   np.testing.assert_array_equal(flat.params, np.concatenate(
       [np.ravel(x) for x in jax.tree.leaves(state.params)]))
 
@@ -60,12 +60,13 @@ def test_a_flat_step_is_the_tree_step(weighting):
       **{'diffusion.loss_weighting': weighting, 'optim.warmup_steps': 0, 'optim.lr': 1e-3})
   x = np.random.default_rng(0).uniform(-1, 1, (1, 8) + train.image_shape(config))
   batch = {'image': jax.device_put(x.astype(np.float32), train.batch_sharding(mesh))}
-  flat, unravel = flat_state.flatten(state, mesh)
+  flat, layout = flat_state.flatten(state, mesh)
   tree_fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
-  flat_fn = train.make_train_fn(config, model, schedule, optimizer, mesh, unravel=unravel)
+  flat_fn = train.make_train_fn(config, model, schedule, optimizer, mesh,
+                                unravel=layout.unravel)
   want, want_metrics = tree_fn(jax.tree.map(jnp.copy, state), batch)
   got, got_metrics = flat_fn(flat, batch)
-  got = flat_state.unflatten(got, unravel, mesh)
+  got = layout.unflatten(got)
   chex.assert_trees_all_close(got, want, rtol=2e-6, atol=1e-7)
   chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-6)
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got.params),
@@ -75,10 +76,10 @@ def test_a_flat_step_is_the_tree_step(weighting):
 
 def test_a_non_finite_flat_step_keeps_the_state():
   config, (model, schedule, optimizer, mesh, state) = _setup()
-  flat, unravel = flat_state.flatten(state, mesh)
+  flat, layout = flat_state.flatten(state, mesh)
   x = np.full((1, 8) + train.image_shape(config), np.nan, np.float32)
   batch = {'image': jax.device_put(x, train.batch_sharding(mesh))}
-  fn = train.make_train_fn(config, model, schedule, optimizer, mesh, unravel=unravel)
+  fn = train.make_train_fn(config, model, schedule, optimizer, mesh, unravel=layout.unravel)
   got, metrics = fn(jax.tree.map(jnp.copy, flat), batch)
   assert float(metrics['finite'][0]) == 0.0
   chex.assert_trees_all_equal(got.replace(step=flat.step), flat)
@@ -97,14 +98,14 @@ it = data_lib.create_train_iterator(config)
 sharding = train.batch_sharding(mesh)
 batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], sharding)}
            for _ in range(4)]
-flat, unravel = flat_state.flatten(state, mesh)
+flat, layout = flat_state.flatten(state, mesh)
 init = jax.device_get(state.params)   # the tree step donates the state
 out = {}
-for name, s, u in (('tree', state, None), ('flat', flat, unravel)):
-  fn = train.make_train_fn(config, model, schedule, optimizer, mesh, unravel=u)
+for name, s, lay in (('tree', state, None), ('flat', flat, layout)):
+  fn = train.make_train_fn(config, model, schedule, optimizer, mesh, unravel=lay and lay.unravel)
   for batch in batches:
     s, _ = fn(s, batch)
-  out[name] = jax.device_get(s if u is None else flat_state.unflatten(s, u, mesh))
+  out[name] = jax.device_get(s if lay is None else lay.unflatten(s))
 num = sum(float(np.sum((np.float64(a) - b) ** 2))
           for a, b in zip(jax.tree.leaves(out['flat']), jax.tree.leaves(out['tree'])))
 den = sum(float(np.sum(np.float64(b) ** 2)) for b in jax.tree.leaves(out['tree']))
