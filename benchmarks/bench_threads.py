@@ -1,6 +1,6 @@
-r"""Our CPU train step with each device's operations on its own thread, or split over the pool.
+r"""Our CPU train step: ops on each device's own thread or on the pool; the state flat or not.
 
-    python benchmarks/bench_threads.py [--modes device,pool] [--steps 10] [--rounds 5] \
+    python benchmarks/bench_threads.py [--modes device,pool,tree] [--steps 10] [--rounds 5] \
         [--repeats 3] [--sampler_steps 100]
 
 XLA:CPU splits a convolution or a dot over a thread pool that all of a
@@ -9,8 +9,12 @@ device per core, the command line's program turns that off
 (``training.cpu_op_threads='device'``, ``host.configure_cpu_op_threads``),
 so that each device computes its own operations on one thread. Modes:
 
-- ``device``: the program's setting (each device's operations on one thread);
-- ``pool``: XLA's default (``training.cpu_op_threads='pool'``).
+- ``device``: the program's settings (each device's operations on one thread,
+  the training state flat: ``training.flat_state='auto'``);
+- ``pool``: XLA's default threads (``training.cpu_op_threads='pool'``), the
+  state flat;
+- ``tree``: one thread per device, the state as trees
+  (``training.flat_state='off'``).
 
 Each mode runs in a fresh process (``--worker``) set up as the command line's
 program sets itself up (devices, ``malloc``, threads, before JAX starts); the
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import time
 
-MODES = ('device', 'pool')
+MODES = {'device': ('device', 'auto'), 'pool': ('pool', 'auto'), 'tree': ('device', 'off')}
 
 
 def worker(mode: str, steps: int, rounds: int, sampler_steps: int) -> dict:
@@ -36,7 +40,7 @@ def worker(mode: str, steps: int, rounds: int, sampler_steps: int) -> dict:
   from bench_train import load_config   # pylint: disable=g-import-not-at-top
   from diffusion_jax import host   # pylint: disable=g-import-not-at-top
   config = load_config(None)
-  config.training.cpu_op_threads = mode
+  config.training.cpu_op_threads, config.training.flat_state = MODES[mode]
   host.configure_cpu_devices(config)
   host.configure_malloc(config)
   applied = host.configure_cpu_op_threads(config)
@@ -93,7 +97,7 @@ def main():
       sampler = f', DDIM-{args.sampler_steps} {got["sampler_s"]:.2f} s' if got['sampler_s'] else ''
       print(f'{mode} ({got["devices"]} devices, XLA_FLAGS={got["xla_flags"]!r}): '
             + ', '.join(f'{m:.1f}' for m in got['ms']) + f' ms/step{sampler}', flush=True)
-  print('\n| ops of a device | train step ms (median, range) | DDIM sampler s (median) |')
+  print('\n| mode | train step ms (median, range) | DDIM sampler s (median) |')
   print('|---|---|---|')
   summary = {}
   for mode, got in runs.items():

@@ -28,9 +28,9 @@ FLAT_STATES = ('auto', 'on', 'off')   # training.flat_state
 def enabled(config, mesh) -> bool:
   """Whether the training loop keeps its state flat: ``training.flat_state``; 'auto' on the CPU.
 
-  'auto' flattens where it was measured faster (the CPU: the digits step 1.1x
-  on 2 AVX-512 cores, ``benchmarks/bench_peer.py``). GPU and TPU keep the
-  tree unless ``'on'``.
+  'auto' flattens where it was measured faster (the CPU: the digits step
+  about 1.1x on 2 AVX-512 cores, ``docs/performance.md``). GPU and TPU keep
+  the tree unless ``'on'``.
   """
   mode = config.training.flat_state
   if mode == 'auto':

@@ -192,8 +192,8 @@ def configure_cpu_op_threads(config) -> bool:
   pieces that the other device's work holds up: on 2 AVX-512 cores the
   digits train step took a median 102.3 ms with the pool and 90.4 ms with
   one thread per device, in alternating fresh processes
-  (``benchmarks/bench_threads.py``). The step computes the same numbers to
-  float32 rounding (``tests/test_train.py``); samplers draw the same images
+  (``benchmarks/bench_threads.py``). Four train steps compute the same
+  numbers to float32 rounding, and samplers draw the same images
   (``tests/test_host.py``).
 
   Called by the command line's program next to :func:`configure_cpu_devices`:
