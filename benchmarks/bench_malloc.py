@@ -1,6 +1,7 @@
 r"""Our CPU train step under glibc ``malloc`` settings set at run time (``mallopt``).
 
-    python benchmarks/bench_malloc.py [--modes default,no_mmap,arenas4,arenas2,arenas1,library] \
+    python benchmarks/bench_malloc.py \
+        [--modes default,no_mmap,arenas4,arenas2,arenas1,library,library_arenas2] \
         [--steps 20] [--rounds 3] [--repeats 2]
 
 The digits train step's temporary buffers (116 MB) are larger than glibc's
@@ -17,8 +18,15 @@ minor page faults per step (``getrusage``):
   the threads share a few arenas instead of growing and dropping their own
   heaps.
 - ``library``: what the command line's training program sets
-  (``training.cpu_malloc='reuse'``, ``host.configure_malloc``: ``arenas2`` on
-  2 devices), set as it sets it, before JAX starts.
+  (``training.cpu_malloc='reuse'``, ``host.configure_malloc``: ``no_mmap``, a
+  top pad of a thread heap, and glibc's own arena limit of 8 per core), set
+  as it sets it, before JAX starts;
+- ``library_arenas2``: the same with ``M_ARENA_MAX=2``, so that all of XLA's
+  threads share two arenas.
+
+Every mode sets the CPU devices and their operation threads as the training
+program does (``host.configure_cpu_devices``,
+``host.configure_cpu_op_threads``).
 
 Modes alternate over ``--repeats`` passes, one process each (``--worker``), so
 drift on the machine falls on every mode alike. Linux with glibc only.
@@ -43,24 +51,26 @@ MODES = {
     'arenas2': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 2},
     'arenas1': {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_ARENA_MAX: 1},
     'library': {},   # host.configure_malloc (training.cpu_malloc='reuse'), set before JAX starts
+    'library_arenas2': {M_ARENA_MAX: 2},   # then M_ARENA_MAX=2 on top
 }
 
 
 def worker(mode: str, steps: int, rounds: int) -> dict:
   """Sets ``mode``'s mallopt values, then times the digits train step; returns the figures."""
-  libc = ctypes.CDLL('libc.so.6')
-  for param, value in MODES[mode].items():
-    if libc.mallopt(param, value) != 1:
-      raise RuntimeError(f'mallopt({param}, {value}) failed')
-  from bench_peer import Ours   # pylint: disable=g-import-not-at-top  (imports JAX)
   from bench_train import load_config   # pylint: disable=g-import-not-at-top
   from diffusion_jax import host   # pylint: disable=g-import-not-at-top
   config = load_config(None)
   host.configure_cpu_devices(config)
-  if mode == 'library':   # as `python -m diffusion_jax.main` does, before JAX starts
+  if mode.startswith('library'):   # as `python -m diffusion_jax.main` does, before JAX starts
     config.training.cpu_malloc = 'reuse'
     if not host.configure_malloc(config):
       raise RuntimeError('host.configure_malloc set nothing')
+  libc = ctypes.CDLL('libc.so.6')
+  for param, value in MODES[mode].items():
+    if libc.mallopt(param, value) != 1:
+      raise RuntimeError(f'mallopt({param}, {value}) failed')
+  host.configure_cpu_op_threads(config)
+  from bench_peer import Ours   # pylint: disable=g-import-not-at-top  (imports JAX)
   ours = Ours(config)
   ours.compile()
   ours.train_steps(5)

@@ -224,31 +224,39 @@ THREAD_HEAP_BYTES = 64 << 20   # glibc's largest thread-arena heap (HEAP_MAX_SIZ
 CPU_MALLOCS = ('reuse', 'default')   # training.cpu_malloc
 
 
-def reuse_malloc_settings(devices: int) -> dict:
+def reuse_malloc_settings(devices: int, cores: int | None = None) -> dict:
   """``mallopt`` values under which a CPU step's temporary buffers are reused, not re-faulted.
 
   XLA:CPU allocates a train step's temporaries (116 MB for the digits step on
   one device) with ``malloc`` on every call. Above glibc's largest ``mmap``
   threshold (32 MiB) that is a fresh ``mmap``, unmapped when
   the call ends, so the kernel faults every page in again: about 30,000
-  minor faults per digits step. No fresh ``mmap`` (``M_MMAP_MAX=0``), no
-  returning freed memory below 1 GiB (``M_TRIM_THRESHOLD``), and at most one
-  arena per device (at least 2, ``M_ARENA_MAX``) keep them in the process:
-  ``benchmarks/bench_malloc.py`` counts single-digit faults per step.
+  minor faults per digits step. No fresh ``mmap`` (``M_MMAP_MAX=0``) and no
+  returning freed memory below 1 GiB (``M_TRIM_THRESHOLD``) keep them in the
+  process: ``benchmarks/bench_malloc.py`` counts single-digit faults per step.
 
-  A thread that glibc gives a thread arena (which of XLA's threads does
-  depends on the order of their first allocations) allocates from heaps of
-  at most 64 MiB. A buffer that does not fit the heap in use gets a new heap,
-  which ``free`` deletes again as soon as it is empty, whatever the trim
-  threshold: on two devices the digits step's 62 MB per device was faulted in
-  afresh on every call (about 15,000 faults per step) in some runs of the
-  same job and not in others. A top pad of a whole heap (``M_TOP_PAD``) keeps
-  an emptied heap for the next call (``benchmarks/bench_arena.py``). A
-  buffer larger than a heap (over 64 MiB in one allocation) is still mapped
-  afresh on such a thread: glibc has no setting for that.
+  A thread that glibc gives a thread arena allocates from heaps of at most
+  64 MiB. A buffer that does not fit the heap in use gets a new heap, which
+  ``free`` deletes again as soon as it is empty, whatever the trim threshold:
+  on two devices the digits step's 62 MB per device was faulted in afresh on
+  every call (about 15,000 faults per step) in some runs of the same job and
+  not in others. A top pad of a whole heap (``M_TOP_PAD``) keeps an emptied
+  heap for the next call (``benchmarks/bench_arena.py``). A buffer larger
+  than a heap (over 64 MiB in one allocation) is still mapped afresh on such
+  a thread: glibc has no setting for that.
+
+  Arenas: glibc's own limit, 8 per core (``cores``, default ``os.cpu_count()``),
+  and at least 2 per device, so that each of XLA's threads allocates from an
+  arena of its own. The threads that run the operations allocate on every
+  dot (oneDNN's packing buffers, ``posix_memalign``) and on every operation
+  (XLA's completion events); sharing two arenas, they queued on the arenas'
+  locks and spent 12% of their time in ``malloc``, and the two-device digits
+  step took 78-98 ms against 66-68 ms with an arena each
+  (``bench_malloc.py``).
   """
+  cores = max(1, int(cores or os.cpu_count() or 1))
   return {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: THREAD_HEAP_BYTES,
-          M_ARENA_MAX: max(2, int(devices))}
+          M_ARENA_MAX: max(8 * cores, 2 * int(devices))}
 
 
 def accelerator_plugins_installed() -> bool:

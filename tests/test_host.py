@@ -138,11 +138,12 @@ def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
     assert host.cpu_compiler_options(types.SimpleNamespace(devices=np.asarray(fake))) is None
 
 
-def test_reuse_malloc_settings_keep_memory_with_an_arena_per_device():
-  for devices, arenas in ((1, 2), (2, 2), (8, 8)):
-    assert host.reuse_malloc_settings(devices) == {
+def test_reuse_malloc_settings_keep_memory_with_an_arena_per_thread():
+  for devices, cores, arenas in ((1, 2, 16), (2, 2, 16), (8, 2, 16), (16, 1, 32), (4, 64, 512)):
+    assert host.reuse_malloc_settings(devices, cores) == {
         host.M_MMAP_MAX: 0, host.M_TRIM_THRESHOLD: 1 << 30, host.M_TOP_PAD: 64 << 20,
         host.M_ARENA_MAX: arenas}
+  assert host.reuse_malloc_settings(2)[host.M_ARENA_MAX] == max(8 * os.cpu_count(), 4)
 
 
 # Faults of touching a freshly malloc'ed 64 MiB block, the second time round: a
