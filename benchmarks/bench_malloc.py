@@ -21,8 +21,8 @@ minor page faults per step (``getrusage``):
   (``training.cpu_malloc='reuse'``, ``host.configure_malloc``: ``no_mmap``, a
   top pad of a thread heap, and glibc's own arena limit of 8 per core), set
   as it sets it, before JAX starts;
-- ``library_arenas2``: the same with ``M_ARENA_MAX=2``, so that all of XLA's
-  threads share two arenas.
+- ``library_arenasN`` (``library_arenas2``, ``library_arenas4``, ...): the same
+  with ``M_ARENA_MAX=N``; with 2, all of XLA's threads share two arenas.
 
 Every mode sets the CPU devices and their operation threads as the training
 program does (``host.configure_cpu_devices``,
@@ -55,6 +55,15 @@ MODES = {
 }
 
 
+def mode_settings(mode: str) -> dict:
+  """The mallopt values a mode sets by itself (``library_arenasN``: ``M_ARENA_MAX=N``)."""
+  if mode in MODES:
+    return MODES[mode]
+  if mode.startswith('library_arenas') and mode[len('library_arenas'):].isdigit():
+    return {M_ARENA_MAX: int(mode[len('library_arenas'):])}
+  raise ValueError(f'--modes: unknown mode {mode!r}; allowed: {", ".join(MODES)}, library_arenasN')
+
+
 def worker(mode: str, steps: int, rounds: int) -> dict:
   """Sets ``mode``'s mallopt values, then times the digits train step; returns the figures."""
   from bench_train import load_config   # pylint: disable=g-import-not-at-top
@@ -66,7 +75,7 @@ def worker(mode: str, steps: int, rounds: int) -> dict:
     if not host.configure_malloc(config):
       raise RuntimeError('host.configure_malloc set nothing')
   libc = ctypes.CDLL('libc.so.6')
-  for param, value in MODES[mode].items():
+  for param, value in mode_settings(mode).items():
     if libc.mallopt(param, value) != 1:
       raise RuntimeError(f'mallopt({param}, {value}) failed')
   host.configure_cpu_op_threads(config)
@@ -98,6 +107,8 @@ def main():
   print(machine.describe(machine.cpu_info()), flush=True)
   print('load average before: ' + ' '.join(f'{x:.2f}' for x in os.getloadavg()), flush=True)
   results = {m: {'ms': [], 'faults': []} for m in args.modes.split(',')}
+  for mode in results:
+    mode_settings(mode)   # an unknown mode fails here, before any worker starts
   for _ in range(args.repeats):
     for mode in results:
       out = subprocess.run([sys.executable, __file__, '--worker', mode, '--steps', str(args.steps),

@@ -33,8 +33,9 @@ share a process with the other's; the table is the same. With ``--isolate``
 ours' process sets glibc ``malloc`` as the command line's training program
 does (``training.cpu_malloc='reuse'``, ``host.configure_malloc``) and the
 peer's keeps glibc's defaults, as each runs in practice. In one process the
-default is ``--cpu_malloc default``: the setting is process-wide, and its
-two arenas slow the peer's own allocations (about 1.3x on 2 AVX2 cores).
+default is ``--cpu_malloc default``: the setting is process-wide (an
+earlier form of it, two arenas for all threads, slowed the peer's own
+allocations about 1.3x on 2 AVX2 cores).
 A table is printed and the figures are written as JSON (``--json``).
 """
 

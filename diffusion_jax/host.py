@@ -245,14 +245,13 @@ def reuse_malloc_settings(devices: int, cores: int | None = None) -> dict:
   than a heap (over 64 MiB in one allocation) is still mapped afresh on such
   a thread: glibc has no setting for that.
 
-  Arenas: glibc's own limit, 8 per core (``cores``, default ``os.cpu_count()``),
-  and at least 2 per device, so that each of XLA's threads allocates from an
-  arena of its own. The threads that run the operations allocate on every
-  dot (oneDNN's packing buffers, ``posix_memalign``) and on every operation
-  (XLA's completion events); sharing two arenas, they queued on the arenas'
-  locks and spent 12% of their time in ``malloc``, and the two-device digits
-  step took 78-98 ms against 66-68 ms with an arena each
-  (``bench_malloc.py``).
+  Arenas: glibc's own limit, 8 per core (``cores``, default
+  ``os.cpu_count()``), and at least 2 per device, so that XLA's threads need
+  not share one. The threads that run the operations allocate on every dot
+  (oneDNN's packing buffers, ``posix_memalign``) and on every operation
+  (XLA's completion events). Sharing two arenas, they queued on the arenas'
+  locks and spent 12% of their time in ``malloc``; the two-device digits
+  step took 82 ms against 68 ms with glibc's limit (``bench_malloc.py``).
   """
   cores = max(1, int(cores or os.cpu_count() or 1))
   return {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: THREAD_HEAP_BYTES,

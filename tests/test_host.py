@@ -332,8 +332,12 @@ def test_cpu_op_threads_is_validated():
 
 
 _STEPS_CHILD = r"""
-import sys
+import ctypes, sys
 sys.path.insert(0, sys.argv[1])
+from diffusion_jax import host
+if sys.argv[3:] == ['reuse']:   # the training program's malloc, set before JAX starts
+  for param, value in host.reuse_malloc_settings(2).items():
+    assert ctypes.CDLL('libc.so.6').mallopt(param, value) == 1
 import jax, numpy as np
 from diffusion_jax import data as data_lib, train
 from test_train import ONE_LEVEL, tiny_config
@@ -376,6 +380,30 @@ def test_train_steps_on_one_thread_per_device_compute_the_pools_steps(devices, t
   assert (num / den) ** 0.5 < 1e-6, (num / den) ** 0.5
   init = _npz_leaves(path + '.init.npz')   # the parameters come first in the saved leaves
   assert max(float(np.abs(a - b).max()) for a, b in zip(init, device)) > 1e-4   # steps moved them
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc: Linux only')
+def test_train_steps_under_the_programs_malloc_compute_the_default_mallocs_steps(tmp_path):
+  """Four two-device train steps with ``reuse_malloc_settings`` equal those under glibc's defaults.
+
+  The allocator only decides where XLA's buffers live; a difference here
+  would mean a buffer read before it is written.
+  """
+  out = []
+  for mode in ('default', 'reuse'):
+    env = dict(_fresh_cpu_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+               f'--{host.MULTI_THREAD_OPS_FLAG}=false')
+    path = str(tmp_path / f'{mode}.npz')
+    proc = subprocess.run([sys.executable, '-c', _STEPS_CHILD, os.path.dirname(__file__), path,
+                           mode], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split()[-1] == '2'
+    out.append(_npz_leaves(path))
+  default, reuse = out
+  assert len(reuse) == len(default) > 3
+  num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(reuse, default))
+  den = sum(float(np.sum(b ** 2)) for b in default)
+  assert (num / den) ** 0.5 < 1e-6, (num / den) ** 0.5
 
 
 def _npz_leaves(path):
