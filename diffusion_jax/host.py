@@ -122,6 +122,16 @@ CPU_OPT_LEVEL = 1            # programs that run many times (the train step, sam
 YNN_OFF = {'xla_cpu_experimental_ynn_fusion_type': ''}
 CPU_KIND_OPTIONS = {'train_step': YNN_OFF, 'sampler': {}, 'evaluation': {}, 'other': {}}
 
+# Loop fusions left whole (no ``outer_dimension_partitions``): XLA:CPU's parallel
+# task assignment splits large elementwise fusions into pieces for the thread
+# pool that all of a process's CPU devices share. Where every core is a device
+# of its own (single_thread_ops), one device's pieces only wait behind the other
+# devices' work: the digits train step on 2 devices ran 10-13% faster with the
+# pass off and computed the same bits (benchmarks/RESULTS.md, tests/test_host.py).
+# The train step only, and only then; with fewer devices than cores the pieces
+# are what keeps the other cores busy.
+SERIAL_LOOPS = {'xla_disable_hlo_passes': 'cpu-parallel-task-assigner'}
+
 
 @functools.cache
 def xla_accepts(name: str, value) -> bool:
@@ -150,7 +160,8 @@ def cpu_compiler_options(devices, *, runs_once: bool = False,
   few optimiser moments was seen on a smaller U-Net; ``tests/test_train.py``,
   ``tests/test_sampling.py``). ``kind`` ('train_step', 'sampler',
   'evaluation' or 'other') adds :data:`CPU_KIND_OPTIONS` that this jaxlib
-  knows. On GPU and TPU, None (XLA's defaults).
+  knows, and a train step on a device per core :data:`SERIAL_LOOPS`. On GPU
+  and TPU, None (XLA's defaults).
   """
   if kind not in CPU_KIND_OPTIONS:
     raise ValueError(f'kind={kind!r} is not supported; allowed values: '
@@ -161,7 +172,10 @@ def cpu_compiler_options(devices, *, runs_once: bool = False,
     return None
   options = {'xla_backend_optimization_level':
              CPU_OPT_LEVEL_RUN_ONCE if runs_once else CPU_OPT_LEVEL}
-  options.update({k: v for k, v in CPU_KIND_OPTIONS[kind].items() if xla_accepts(k, v)})
+  extra = dict(CPU_KIND_OPTIONS[kind])
+  if kind == 'train_step' and single_thread_ops(len(list(getattr(devices, 'flat', devices)))):
+    extra.update(SERIAL_LOOPS)
+  options.update({k: v for k, v in extra.items() if xla_accepts(k, v)})
   return options
 
 

@@ -124,8 +124,16 @@ def test_compiler_options_lower_llvm_optimisation_on_the_cpu_only():
       'xla_backend_optimization_level': 0}
   # Per kind: the train step also turns YNNPACK's fusions off (tests/test_train.py shows
   # it computes XLA's defaults' step); samplers and evaluation keep them (see below).
+  serial = host.SERIAL_LOOPS if host.single_thread_ops(len(cpu)) else {}
   assert host.cpu_compiler_options(cpu, kind='train_step') == {
-      'xla_backend_optimization_level': 1, 'xla_cpu_experimental_ynn_fusion_type': ''}
+      'xla_backend_optimization_level': 1, 'xla_cpu_experimental_ynn_fusion_type': '', **serial}
+  # With a device per core (at least two), the train step's loop fusions stay whole.
+  per_core = [types.SimpleNamespace(platform='cpu')] * max(2, host.available_cores())
+  assert host.cpu_compiler_options(per_core, kind='train_step') == {
+      'xla_backend_optimization_level': 1, 'xla_cpu_experimental_ynn_fusion_type': '',
+      'xla_disable_hlo_passes': 'cpu-parallel-task-assigner'}
+  assert 'xla_disable_hlo_passes' not in host.cpu_compiler_options(per_core[:1], kind='train_step')
+  assert 'xla_disable_hlo_passes' not in host.cpu_compiler_options(per_core, kind='sampler')
   for kind in ('sampler', 'evaluation', 'other'):
     assert host.cpu_compiler_options(cpu, kind=kind) == {'xla_backend_optimization_level': 1}
   with pytest.raises(ValueError, match="kind='sample' is not supported; allowed values: "
@@ -409,3 +417,51 @@ def test_train_steps_under_the_programs_malloc_compute_the_default_mallocs_steps
 def _npz_leaves(path):
   with np.load(path) as f:
     return [f[k].astype(np.float64) for k in sorted(f.files, key=lambda k: int(k[4:]))]
+
+
+_SERIAL_LOOPS_CHILD = r"""
+import jax, numpy as np
+from diffusion_jax import config_lib, flat_state, host, train
+config = config_lib.digits_config()   # the README job's step, flat state as the loop keeps it
+model, schedule, optimizer, mesh, state = train.setup(config)
+state, layout = flat_state.flatten(state, mesh)
+host.single_thread_ops = lambda *a, **k: True   # a device per core, on any machine
+batches = [{'image': jax.device_put(np.random.default_rng(i).uniform(-1, 1, (1, 128, 8, 8, 1))
+                                    .astype(np.float32), train.batch_sharding(mesh))}
+           for i in range(3)]
+out = []
+for serial in (host.SERIAL_LOOPS, {}):
+  host.SERIAL_LOOPS = serial   # make_train_fn compiles with host.cpu_compiler_options
+  fn = train.make_train_fn(config, model, schedule, optimizer, mesh, unravel=layout.unravel)
+  fn = fn.lower(state, batches[0]).compile()
+  out.append(fn.as_text().count('outer_dimension_partitions'))
+  s = jax.tree.map(lambda x: x.copy(), state)   # the step donates its state
+  for batch in batches:
+    s, _ = fn(s, batch)
+  out.append(jax.device_get(jax.tree.leaves(s)))
+whole, a, pieces, b = out
+num = sum(float(np.sum((np.float64(u) - v) ** 2)) for u, v in zip(a, b))
+den = sum(float(np.sum(np.float64(v) ** 2)) for v in b)
+moved = max(float(np.abs(u - v).max()) for u, v in zip(jax.device_get(jax.tree.leaves(state)), b))
+print(whole, pieces, (num / den) ** 0.5, moved)
+"""
+
+
+def test_train_step_with_whole_loop_fusions_computes_the_split_ones_step():
+  """``SERIAL_LOOPS`` (no parallel task assignment) gives the same three digits steps on 2 devices.
+
+  The README job's train step (flat state) on a device per core, compiled
+  with the train step's options and with the same options less
+  ``SERIAL_LOOPS``: XLA splits hundreds of loop fusions into pieces in the
+  second and none in the first, and the state after three steps agrees to
+  float32 rounding (bit for bit when measured).
+  """
+  env = dict(_fresh_cpu_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+             f'--{host.MULTI_THREAD_OPS_FLAG}=false')
+  proc = subprocess.run([sys.executable, '-c', _SERIAL_LOOPS_CHILD], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  whole, pieces, rel, moved = proc.stdout.split()[-4:]
+  assert int(whole) == 0 and int(pieces) > 100, (whole, pieces)
+  assert float(rel) < 1e-6, rel
+  assert float(moved) > 1e-4, moved   # the steps changed the state

@@ -262,12 +262,16 @@ from test_train import ONE_LEVEL, XLA_DEFAULT_LEVEL, tiny_config
 config = tiny_config(**ONE_LEVEL)
 model, schedule, optimizer, mesh, state = train.setup(config)
 options = host.cpu_compiler_options(mesh, kind='train_step')
-assert options == {'xla_backend_optimization_level': 1, **host.YNN_OFF}, options
+serial = host.SERIAL_LOOPS if host.single_thread_ops(jax.device_count()) else {}
+assert options == {'xla_backend_optimization_level': 1, **host.YNN_OFF, **serial}, options
 it = data_lib.create_train_iterator(config)
 batches = [{'image': jax.device_put(np.asarray(next(it)['image'])[None], train.batch_sharding(mesh))}
            for _ in range(4)]
-lowered = train.make_train_fn(config, model, schedule, optimizer, mesh).lower(state, batches[0])
-ours, ref = (lowered.compile(compiler_options=o) for o in (options, XLA_DEFAULT_LEVEL))
+ours = train.make_train_fn(config, model, schedule, optimizer, mesh).lower(
+    state, batches[0]).compile()   # make_train_fn compiles with the options above
+host.cpu_compiler_options = lambda *a, **k: None   # the reference: XLA's defaults throughout
+ref = train.make_train_fn(config, model, schedule, optimizer, mesh).lower(
+    state, batches[0]).compile(compiler_options=XLA_DEFAULT_LEVEL)
 # With YNNPACK off, dots inside a while loop raced on two devices (benchmarks/ynn_repro.py):
 # the step's only loops are the RNG's (integer arithmetic), with no convolution or dot inside.
 import re
@@ -299,12 +303,14 @@ print('RELATIVE_L2', jax.device_count(), (num / den) ** 0.5)
 
 @pytest.mark.parametrize('devices', [1, 2])
 def test_train_step_kind_options_compute_what_xla_defaults_compute(devices):
-  """The train step's own options (YNNPACK fusions off) give XLA's defaults' step.
+  """The train step's own options (YNNPACK fusions off, ...) give XLA's defaults' step.
 
   Four steps on one and on two CPU devices, from the same state and batches,
   compiled with ``host.cpu_compiler_options(mesh, kind='train_step')`` and with
   XLA's default options: the whole state (parameters, EMA, Adam moments) agrees
-  to float32 rounding (Eigen and YNNPACK sum in different orders).
+  to float32 rounding (Eigen and YNNPACK sum in different orders). The
+  whole-loop option is checked where it changes the program, at the digits
+  step's size (``tests/test_host.py``).
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
