@@ -10,7 +10,8 @@ warm-up and a repeated one is cached). Then, in one process, both sides are
 compiled from one lowering: it prints whether their optimised HLO differs at
 all, one step from the same state must give bitwise equal parameters, and
 rounds of steps alternate between the sides (the order flips every round, so
-this machine's drift hits both alike); medians printed.
+this machine's drift hits both alike); medians printed. The step is jitted
+without compile options, so each side is compiled with its own alone.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import json
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -31,7 +33,10 @@ def lowered_step(config_path):
   host.configure_cpu_devices(config)
   from diffusion_jax import train   # pylint: disable=g-import-not-at-top
   model, schedule, optimizer, mesh, state = train.setup(config)
-  fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
+  # make_train_fn's jit carries the library's options, and options given at
+  # compile time are merged into those: without any, each side gets its own.
+  with mock.patch.object(host, 'cpu_compiler_options', lambda *a, **k: None):
+    fn = train.make_train_fn(config, model, schedule, optimizer, mesh)
   shape = (1, config.training.batch_size) + train.image_shape(config)
   x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   batch = {'image': jax.device_put(x, train.batch_sharding(mesh))}

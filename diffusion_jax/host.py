@@ -17,6 +17,9 @@ default on another. It computes the default's step to float32 rounding
 the dots itself, and those dots inside a ``while`` loop race when two CPU
 devices run at once, giving wrong images (``benchmarks/ynn_repro.py``,
 ``tests/test_host.py::test_two_cpu_devices_sample_what_one_device_samples``).
+On a device per core the train step also keeps its loop fusions whole
+(:data:`SERIAL_LOOPS`): split into pieces for the shared thread pool, they
+waited behind the other device's work.
 
 Only the CPU backend is affected (``jax_num_cpu_devices``); on GPU and TPU
 hosts the accelerators are the devices either way. The count has to be set
