@@ -129,7 +129,7 @@ CPU_KIND_OPTIONS = {'train_step': YNN_OFF, 'sampler': {}, 'evaluation': {}, 'oth
 # task assignment splits large elementwise fusions into pieces for the thread
 # pool that all of a process's CPU devices share. Where every core is a device
 # of its own (single_thread_ops), one device's pieces only wait behind the other
-# devices' work: the digits train step on 2 devices ran 10-13% faster with the
+# devices' work: the digits train step on 2 devices ran 10-17% faster with the
 # pass off and computed the same bits (benchmarks/RESULTS.md, tests/test_host.py).
 # The train step only, and only then; with fewer devices than cores the pieces
 # are what keeps the other cores busy.
