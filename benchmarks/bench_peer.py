@@ -76,10 +76,9 @@ class Ours:
   def __init__(self, config):
     self.config = config
     self.model, self.schedule, self.optimizer, mesh, self.state = train.setup(config)
-    self.layout, self.unravel = None, None
+    self.layout = None
     if flat_state.enabled(config, mesh):   # as the training loop keeps it (train.py)
       self.state, self.layout = flat_state.flatten(self.state, mesh)
-      self.unravel = self.layout.unravel
     self.fn = train.make_train_fn(config, self.model, self.schedule, self.optimizer, mesh,
                                   unravel=self.unravel)
     shape = (1, config.training.batch_size) + train.image_shape(config)
@@ -89,6 +88,11 @@ class Ours:
     # would be resharded in every call, and the devices would start apart.
     self.batch = data_lib.shard_batch({'image': x}, train.batch_sharding(mesh))
     self.params = models.count_params(self.state.params)
+
+  @property
+  def unravel(self):
+    """The flat state's ``Layout.unravel`` for ``train.make_train_fn``; None for tree state."""
+    return self.layout and self.layout.unravel
 
   def info(self) -> dict:
     """The parameter count and JAX's version and devices."""

@@ -170,13 +170,13 @@ def cpu_compiler_options(devices, *, runs_once: bool = False,
     raise ValueError(f'kind={kind!r} is not supported; allowed values: '
                      + ', '.join(CPU_KIND_OPTIONS))
   devices = getattr(devices, 'devices', devices)   # a Mesh: its device array
-  first = next(iter(getattr(devices, 'flat', devices)))
-  if first.platform != 'cpu':
+  devices = list(getattr(devices, 'flat', devices))
+  if devices[0].platform != 'cpu':
     return None
   options = {'xla_backend_optimization_level':
              CPU_OPT_LEVEL_RUN_ONCE if runs_once else CPU_OPT_LEVEL}
   extra = dict(CPU_KIND_OPTIONS[kind])
-  if kind == 'train_step' and single_thread_ops(len(list(getattr(devices, 'flat', devices)))):
+  if kind == 'train_step' and single_thread_ops(len(devices)):
     extra.update(SERIAL_LOOPS)
   options.update({k: v for k, v in extra.items() if xla_accepts(k, v)})
   return options

@@ -363,6 +363,24 @@ print(jax.device_count())
 """
 
 
+def _steps_in_a_child(path, devices: int, xla_flags: str = '', *args) -> list:
+  """Runs ``_STEPS_CHILD`` on ``devices`` CPU devices; the saved state's leaves (float64)."""
+  env = dict(_fresh_cpu_env(), XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+             + xla_flags)
+  proc = subprocess.run([sys.executable, '-c', _STEPS_CHILD, os.path.dirname(__file__), path,
+                         *args], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert proc.stdout.split()[-1] == str(devices)
+  return _npz_leaves(path)
+
+
+def _relative_l2(got, want) -> float:
+  """||got - want|| / ||want|| over all leaves together."""
+  num = sum(float(np.sum((np.float64(a) - b) ** 2)) for a, b in zip(got, want))
+  den = sum(float(np.sum(np.float64(b) ** 2)) for b in want)
+  return (num / den) ** 0.5
+
+
 @pytest.mark.parametrize('devices', [1, 2])
 def test_train_steps_on_one_thread_per_device_compute_the_pools_steps(devices, tmp_path):
   """Four train steps with each device's ops on one thread equal those on the shared pool.
@@ -371,21 +389,12 @@ def test_train_steps_on_one_thread_per_device_compute_the_pools_steps(devices, t
   against XLA's default, on one and on two CPU devices, from the same state
   and batches: parameters, EMA and Adam moments agree to float32 rounding.
   """
-  out = {}
-  for flag in ('', f' --{host.MULTI_THREAD_OPS_FLAG}=false'):
-    env = dict(_fresh_cpu_env(), XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
-               + flag)
-    path = str(tmp_path / f'state{len(out)}.npz')
-    proc = subprocess.run([sys.executable, '-c', _STEPS_CHILD, os.path.dirname(__file__), path],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split()[-1] == str(devices)
-    out[flag] = _npz_leaves(path)
-  pool, device = out.values()
+  path = str(tmp_path / 'state1.npz')
+  pool = _steps_in_a_child(str(tmp_path / 'state0.npz'), devices)
+  device = _steps_in_a_child(path, devices, f' --{host.MULTI_THREAD_OPS_FLAG}=false')
   assert len(device) == len(pool) > 3
-  num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(device, pool))
-  den = sum(float(np.sum(b ** 2)) for b in pool)
-  assert (num / den) ** 0.5 < 1e-6, (num / den) ** 0.5
+  rel = _relative_l2(device, pool)
+  assert rel < 1e-6, rel
   init = _npz_leaves(path + '.init.npz')   # the parameters come first in the saved leaves
   assert max(float(np.abs(a - b).max()) for a, b in zip(init, device)) > 1e-4   # steps moved them
 
@@ -397,21 +406,12 @@ def test_train_steps_under_the_programs_malloc_compute_the_default_mallocs_steps
   The allocator only decides where XLA's buffers live; a difference here
   would mean a buffer read before it is written.
   """
-  out = []
-  for mode in ('default', 'reuse'):
-    env = dict(_fresh_cpu_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-               f'--{host.MULTI_THREAD_OPS_FLAG}=false')
-    path = str(tmp_path / f'{mode}.npz')
-    proc = subprocess.run([sys.executable, '-c', _STEPS_CHILD, os.path.dirname(__file__), path,
-                           mode], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split()[-1] == '2'
-    out.append(_npz_leaves(path))
-  default, reuse = out
+  flags = f' --{host.MULTI_THREAD_OPS_FLAG}=false'
+  default, reuse = (_steps_in_a_child(str(tmp_path / f'{mode}.npz'), 2, flags, mode)
+                    for mode in ('default', 'reuse'))
   assert len(reuse) == len(default) > 3
-  num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(reuse, default))
-  den = sum(float(np.sum(b ** 2)) for b in default)
-  assert (num / den) ** 0.5 < 1e-6, (num / den) ** 0.5
+  rel = _relative_l2(reuse, default)
+  assert rel < 1e-6, rel
 
 
 def _npz_leaves(path):
